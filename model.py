@@ -1,0 +1,317 @@
+"""The two-tower model of CLIP, nCLIP and xCLIP: a ViT image tower, a causal text
+tower, the CLIP projections and the nCLIP prototype heads.
+
+Reads top to bottom in the order data flows: config and presets, attention, MLP,
+block, the two towers, the prototype head, then the model that ties them together
+and its optimizer groups.
+"""
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+OBJECTIVES = ("clip", "nclip", "xclip")
+
+
+def _field(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = _field(224, "input image side in pixels")
+    patch_size: int = _field(16, "ViT patch side in pixels")
+    vision_width: int = _field(768, "image tower width")
+    vision_layers: int = _field(12, "image tower depth")
+    vision_heads: int = _field(12, "image tower attention heads")
+    context_length: int = _field(77, "text tokens per caption, end-of-text included")
+    vocab_size: int = _field(100277, "token vocabulary (cl100k_base has 100277)")
+    text_width: int = _field(512, "text tower width")
+    text_layers: int = _field(12, "text tower depth")
+    text_heads: int = _field(8, "text tower attention heads")
+    embed_dim: int = _field(512, "CLIP joint embedding dimension")
+    mlp_ratio: int = _field(4, "MLP hidden width as a multiple of the block width")
+    num_prototypes: int = _field(16384, "nCLIP prototypes K")
+    head_hidden_dim: int = _field(2048, "nCLIP head MLP hidden width")
+    head_bottleneck_dim: int = _field(256, "nCLIP head bottleneck before the prototypes")
+    head_layers: int = _field(3, "nCLIP head MLP layers")
+    eot_token_id: int = _field(100257, "end-of-text token, where the text tower pools")
+
+
+PRESETS = {
+    # Seconds per step on a laptop CPU; what the default job and the tests train.
+    "tiny": dict(image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+                 vision_heads=4, context_length=24, text_width=128, text_layers=4,
+                 text_heads=4, embed_dim=128, num_prototypes=512, head_hidden_dim=512,
+                 head_bottleneck_dim=128),
+    "vit_s16": dict(vision_width=384, vision_heads=6, text_width=384, text_heads=6,
+                    embed_dim=384),
+    "vit_b16": dict(),  # the paper's ViT-B/16 with CLIP's text transformer
+}
+
+
+def model_config(preset, **overrides):
+    """The preset's config with any field replaced; None means keep the preset's."""
+    config = replace(ModelConfig(), **PRESETS[preset])
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def config_fields():
+    return fields(ModelConfig)
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, D/H)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, ratio):
+        super().__init__()
+        self.fc = nn.Linear(width, ratio * width)
+        self.proj = nn.Linear(ratio * width, width)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width, heads, mlp_ratio, causal):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio, causal):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT as in CLIP: patches + class token + positions, LayerNorm, blocks, LayerNorm.
+    The class token's final state is the image feature f_v."""
+
+    def __init__(self, c):
+        super().__init__()
+        num_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_projection = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(c.vision_width) * c.vision_width ** -0.5)
+        self.position_embedding = nn.Parameter(
+            torch.randn(num_patches + 1, c.vision_width) * c.vision_width ** -0.5)
+        self.ln_pre = nn.LayerNorm(c.vision_width)
+        self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads,
+                                       c.mlp_ratio, causal=False)
+        self.ln_post = nn.LayerNorm(c.vision_width)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, vision_width)
+        patches = self.patch_projection(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        class_token = self.class_embedding.expand(patches.shape[0], 1, -1)
+        x = torch.cat([class_token, patches], dim=1) + self.position_embedding
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+    """Causal transformer over BPE tokens; the text feature f_t is the final-LayerNorm
+    state at the end-of-text token, which has seen the whole caption."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.eot_token_id = c.eot_token_id
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.text_width) * 0.01)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads,
+                                       c.mlp_ratio, causal=True)
+        self.ln_final = nn.LayerNorm(c.text_width)
+
+    def forward(self, tokens):  # (B, L) -> (B, text_width)
+        x = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x))
+        eot_positions = (tokens == self.eot_token_id).int().argmax(dim=1)
+        return x[torch.arange(x.shape[0], device=x.device), eot_positions]
+
+
+class PrototypeHead(nn.Module):
+    """nCLIP head h (DINO-style): MLP to a bottleneck, L2-normalize, then a
+    weight-normalized linear layer without bias onto K prototypes. The prototype
+    norms are fixed at 1 (DINO's norm_last_layer), so a logit is the cosine between
+    the bottleneck feature and a prototype, in [-1, 1]."""
+
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, layers):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        mlp = []
+        for i in range(layers):
+            mlp.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mlp.append(nn.GELU())
+        self.mlp = nn.Sequential(*mlp)
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, bottleneck_dim))
+
+    def forward(self, features):  # (B, in_dim) -> (B, K)
+        bottleneck = F.normalize(self.mlp(features), dim=-1)
+        return bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+
+
+@dataclass
+class TwoTowerOutput:
+    image_embeddings: torch.Tensor = None         # (B, embed_dim), unit norm: u
+    text_embeddings: torch.Tensor = None          # (B, embed_dim), unit norm: w
+    logit_scale: torch.Tensor = None              # scalar s = exp(t)
+    image_prototype_logits: torch.Tensor = None   # (B, K): h_v(f_v)
+    text_prototype_logits: torch.Tensor = None    # (B, K): h_t(f_t)
+
+
+class TwoTowerModel(nn.Module):
+    """The objective decides what is built: `clip` has projections and a logit scale,
+    `nclip` has prototype heads, `xclip` has both, on the same two towers."""
+
+    def __init__(self, config: ModelConfig, objective="xclip", student_temp=0.1):
+        super().__init__()
+        assert objective in OBJECTIVES, objective
+        self.config, self.objective, self.student_temp = config, objective, student_temp
+        self.visual = VisionTransformer(config)
+        self.text = TextTransformer(config)
+        self.has_clip = objective in ("clip", "xclip")
+        self.has_prototypes = objective in ("nclip", "xclip")
+        if self.has_clip:
+            self.image_projection = nn.Linear(config.vision_width, config.embed_dim, bias=False)
+            self.text_projection = nn.Linear(config.text_width, config.embed_dim, bias=False)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # t
+        if self.has_prototypes:
+            head = dict(hidden_dim=config.head_hidden_dim, layers=config.head_layers,
+                        bottleneck_dim=config.head_bottleneck_dim,
+                        num_prototypes=config.num_prototypes)
+            self.image_head = PrototypeHead(config.vision_width, **head)
+            self.text_head = PrototypeHead(config.text_width, **head)
+        self._init_weights()
+
+    def _init_weights(self):
+        """CLIP's initialization, scaled by each tower's width and depth: a narrow model
+        starts with towers whose features already vary with their input."""
+        for tower, width, layers in ((self.visual, self.config.vision_width, self.config.vision_layers),
+                                     (self.text, self.config.text_width, self.config.text_layers)):
+            projection_std = width ** -0.5 * (2 * layers) ** -0.5
+            for block in tower.transformer.blocks:
+                nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
+                nn.init.normal_(block.attn.out.weight, std=projection_std)
+                nn.init.normal_(block.mlp.fc.weight, std=(2 * width) ** -0.5)
+                nn.init.normal_(block.mlp.proj.weight, std=projection_std)
+                for linear in (block.attn.qkv, block.attn.out, block.mlp.fc, block.mlp.proj):
+                    nn.init.zeros_(linear.bias)
+        nn.init.normal_(self.text.token_embedding.weight, std=0.02)
+        if self.has_clip:
+            nn.init.normal_(self.image_projection.weight, std=self.config.vision_width ** -0.5)
+            nn.init.normal_(self.text_projection.weight, std=self.config.text_width ** -0.5)
+        if self.has_prototypes:  # DINO's head initialization
+            for module in [*self.image_head.mlp, *self.text_head.mlp]:
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+
+    def encode_image(self, images):
+        """Image tower feature f_v, before any projection: what the linear probe uses."""
+        return self.visual(images)
+
+    def encode_text(self, tokens):
+        """Text tower feature f_t at the end-of-text token."""
+        return self.text(tokens)
+
+    def embed_image(self, images):
+        """Unit-norm image embedding for zero-shot and retrieval: CLIP's
+        u = normalize(W_v f_v), or for nCLIP alone sqrt(p_v) (see prototype_embedding)."""
+        features = self.encode_image(images)
+        if self.has_clip:
+            return F.normalize(self.image_projection(features), dim=-1)
+        return self.prototype_embedding(self.image_head(features))
+
+    def embed_text(self, tokens):
+        """Unit-norm text embedding: w = normalize(W_t f_t), or sqrt(p_t) for nCLIP."""
+        features = self.encode_text(tokens)
+        if self.has_clip:
+            return F.normalize(self.text_projection(features), dim=-1)
+        return self.prototype_embedding(self.text_head(features))
+
+    def prototype_embedding(self, prototype_logits):
+        """nCLIP has no joint space but the prototypes: embed a sample as the square
+        root of its distribution p = softmax(h(f) / tau_s), a unit vector whose dot
+        product with another is the Bhattacharyya coefficient sum_k sqrt(p_k q_k)."""
+        return F.softmax(prototype_logits.float() / self.student_temp, dim=-1).sqrt()
+
+    def forward(self, images, tokens):
+        image_features, text_features = self.encode_image(images), self.encode_text(tokens)
+        out = TwoTowerOutput()
+        if self.has_clip:
+            out.image_embeddings = F.normalize(self.image_projection(image_features), dim=-1)
+            out.text_embeddings = F.normalize(self.text_projection(text_features), dim=-1)
+            out.logit_scale = self.logit_scale.exp()
+        if self.has_prototypes:
+            out.image_prototype_logits = self.image_head(image_features)
+            out.text_prototype_logits = self.text_head(text_features)
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The model train.py saved, weights loaded, on the CPU."""
+        model = cls(ModelConfig(**checkpoint["model_config"]), checkpoint["objective"],
+                    checkpoint["args"].get("student_temp", 0.1))
+        model.load_state_dict(checkpoint["model"])
+        return model
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale=100.0):
+        """Keep s = exp(t) <= 100, as CLIP does after each optimizer step."""
+        if self.has_clip:
+            self.logit_scale.clamp_(max=math.log(max_scale))
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def configure_optimizers(self, lr, weight_decay, betas, eps, device_type):
+        """AdamW with weight decay on weight matrices only: not on norms, biases,
+        the token, position and class embeddings, or the logit scale."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = "embedding" in name
+            (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused,
+                                 foreach=None if fused else True)

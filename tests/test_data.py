@@ -1,0 +1,102 @@
+"""Tokenizer, the synthetic dataset, transforms and the resumable sampler."""
+import torch
+from PIL import Image
+
+from data import (COLORS, SHAPES, EvalTransform, ResumableSampler, SyntheticCaptions, Tokenizer,
+                  TrainTransform, heldout_pairs)
+
+
+def test_tokenizer_round_trips_and_pads_after_end_of_text():
+    tokenizer = Tokenizer(context_length=16)
+    tokens = tokenizer(["a red circle left of a blue star", ""])
+    assert tokens.shape == (2, 16) and tokens.dtype == torch.long
+    assert tokenizer.decode(tokens[0]) == "a red circle left of a blue star"
+    length = (tokens[0] != 0).sum().item()
+    assert tokens[0, length - 1] == tokenizer.eot_token_id
+    assert (tokens[0, length:] == 0).all()
+    assert tokens[1, 0] == tokenizer.eot_token_id  # an empty caption is just end-of-text
+
+
+def test_tokenizer_truncates_but_keeps_end_of_text_last():
+    tokenizer = Tokenizer(context_length=8)
+    tokens = tokenizer(["one two three four five six seven eight nine ten"])[0]
+    assert tokens[-1] == tokenizer.eot_token_id
+    assert tokenizer.decode(tokens) == "one two three four five six seven"
+
+
+def test_tokenizer_encodes_special_token_text_as_plain_text():
+    tokens = Tokenizer(context_length=16)(["<|endoftext|> is text"])[0]
+    assert (tokens == Tokenizer(16).eot_token_id).sum() == 1
+
+
+def test_synthetic_sample_depends_only_on_seed_split_and_index():
+    make = lambda seed=0, split="train": SyntheticCaptions(split, seed=seed, transform=TrainTransform(48))
+    first, second = make()[123], make()[123]
+    assert torch.equal(first[0], second[0]) and first[1] == second[1]
+    assert not torch.equal(make(seed=1)[123][0], first[0])
+    assert not torch.equal(make(split="val")[123][0], first[0])
+    assert not torch.equal(make()[124][0], first[0])
+
+
+def test_synthetic_noise_fractions_are_close_to_the_requested_ones():
+    dataset = SyntheticCaptions(loose_fraction=0.0, unrelated_fraction=0.0, two_object_fraction=0.0)
+    exact = sum(dataset.caption(i).count(" ") >= 2 for i in range(300))
+    assert exact == 300  # exact captions name at least color and shape
+    noisy = SyntheticCaptions(loose_fraction=0.3, unrelated_fraction=0.2, two_object_fraction=0.0)
+    names_the_shape = 0
+    for i in range(1000):
+        obj = noisy.scene(i)[0][0]
+        names_the_shape += any(word in noisy.caption(i) for word in SHAPES[obj.shape])
+    assert 0.45 < names_the_shape / 1000 < 0.85  # ~50% exact, some loose and unrelated ones still match
+
+
+def test_heldout_pairs_never_appear_in_training_but_fill_the_heldout_val_set():
+    held = heldout_pairs(4)
+    assert len(held) == 4 and held == heldout_pairs(4)
+    train = SyntheticCaptions("train", num_heldout_pairs=4)
+    seen = {(o.color, o.shape) for i in range(2000) for o in train.scene(i)[0]}
+    assert not seen & held
+    assert len(seen) == len(COLORS) * len(SHAPES) - 4
+    val = SyntheticCaptions("val", num_heldout_pairs=4, only_heldout=True, two_object_fraction=0.0)
+    assert {(o.color, o.shape) for i in range(200) for o in val.scene(i)[0]} == held
+
+
+def test_eval_transform_resizes_shorter_side_and_center_crops():
+    image = Image.new("RGB", (60, 30), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 6, 30))  # a blue band on the left is cropped away
+    pixels = EvalTransform(20)(image)
+    assert pixels.shape == (3, 20, 20)
+    assert torch.allclose(pixels[:, 0, 0], pixels[:, -1, -1])
+
+
+def test_train_transform_crops_within_the_image_at_the_requested_scale():
+    transform = TrainTransform(32, scale=(0.5, 1.0))
+    import random
+    rng = random.Random(0)
+    for _ in range(100):
+        left, top, right, bottom = transform.crop_box(64, 48, rng)
+        assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
+        assert 0.5 * 64 * 48 * 0.9 <= (right - left) * (bottom - top) <= 64 * 48
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_sampler_covers_every_sample_once_per_epoch_across_ranks():
+    length, batch, world = 24, 3, 2
+    per_rank = [take(iter(ResumableSampler(length, batch, rank, world, seed=5)), length // world)
+                for rank in range(world)]
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(length))
+
+
+def test_sampler_resumes_exactly_where_it_stopped():
+    full = take(iter(ResumableSampler(10, 4, seed=1)), 40)
+    resumed = take(iter(ResumableSampler(10, 4, start=12, seed=1)), 28)
+    assert resumed == full[12:]
+    assert full[:10] != full[10:20]  # a new permutation each epoch
+
+
+def test_procedural_sampler_counts_global_samples():
+    rank1 = take(iter(ResumableSampler(None, 2, rank=1, world_size=3, start=6, finite=False)), 4)
+    assert rank1 == [8, 9, 14, 15]

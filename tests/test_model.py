@@ -1,0 +1,106 @@
+"""The model builds what its objective needs, with the parameter count the
+architecture implies, and its towers pool where METHOD.md says."""
+import pytest
+import torch
+
+from model import OBJECTIVES, PRESETS, TwoTowerModel, model_config
+
+
+def block_params(width, mlp_ratio):
+    attention = 3 * width * width + 3 * width + width * width + width
+    mlp = 2 * mlp_ratio * width * width + mlp_ratio * width + width
+    return attention + mlp + 4 * width  # two LayerNorms
+
+
+def expected_params(c, objective):
+    vision = (3 * c.patch_size ** 2 * c.vision_width + c.vision_width
+              + ((c.image_size // c.patch_size) ** 2 + 1) * c.vision_width
+              + c.vision_layers * block_params(c.vision_width, c.mlp_ratio) + 4 * c.vision_width)
+    text = ((c.vocab_size + c.context_length) * c.text_width
+            + c.text_layers * block_params(c.text_width, c.mlp_ratio) + 2 * c.text_width)
+    total = vision + text
+    if objective in ("clip", "xclip"):
+        total += (c.vision_width + c.text_width) * c.embed_dim + 1
+    if objective in ("nclip", "xclip"):
+        hidden, bottleneck = c.head_hidden_dim, c.head_bottleneck_dim
+        mlp_tail = (c.head_layers - 2) * (hidden * hidden + hidden) + hidden * bottleneck + bottleneck
+        for width in (c.vision_width, c.text_width):
+            total += width * hidden + hidden + mlp_tail + c.num_prototypes * bottleneck
+    return total
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_preset_and_objective_builds_with_the_expected_parameter_count(preset, objective):
+    config = model_config(preset)
+    with torch.device("meta"):
+        model = TwoTowerModel(config, objective)
+    assert model.num_params() == expected_params(config, objective)
+    assert hasattr(model, "image_projection") == (objective != "nclip")
+    assert hasattr(model, "image_head") == (objective != "clip")
+
+
+def test_vit_b16_clip_has_openai_clips_parameter_count_with_its_vocabulary():
+    # OpenAI's ViT-B/16 CLIP has 149,620,737 parameters with its 49,408-token vocabulary;
+    # cl100k_base's 100,277 tokens add (100277 - 49408) * 512 to the token embedding.
+    with torch.device("meta"):
+        openai_vocab = TwoTowerModel(model_config("vit_b16", vocab_size=49408), "clip")
+        ours = TwoTowerModel(model_config("vit_b16"), "clip")
+    assert openai_vocab.num_params() == 149_620_737
+    assert ours.num_params() == 149_620_737 + (100277 - 49408) * 512
+
+
+def test_preset_fields_can_be_overridden():
+    config = model_config("tiny", vision_layers=2, num_prototypes=64, text_width=None)
+    assert (config.vision_layers, config.num_prototypes) == (2, 64)
+    assert config.text_width == PRESETS["tiny"]["text_width"]
+
+
+def small_model(objective="xclip"):
+    torch.manual_seed(0)
+    config = model_config("tiny", vision_layers=1, text_layers=1, vocab_size=1000,
+                          eot_token_id=999, image_size=16, context_length=8)
+    return TwoTowerModel(config, objective).eval()
+
+
+def test_forward_shapes_and_unit_norm_embeddings():
+    model = small_model()
+    images, tokens = torch.randn(3, 3, 16, 16), torch.tensor([[5, 6, 999, 0, 0, 0, 0, 0]] * 3)
+    out = model(images, tokens)
+    assert out.image_embeddings.shape == out.text_embeddings.shape == (3, model.config.embed_dim)
+    assert torch.allclose(out.image_embeddings.norm(dim=-1), torch.ones(3))
+    assert out.image_prototype_logits.shape == (3, model.config.num_prototypes)
+    assert out.text_prototype_logits.abs().max() <= 1 + 1e-6  # cosines to unit prototypes
+
+
+def test_text_feature_is_read_at_the_end_of_text_token():
+    model = small_model()
+    tokens = torch.tensor([[5, 6, 7, 999, 0, 0, 0, 0]])
+    after_eot = tokens.clone()
+    after_eot[0, 4:] = 42  # causal attention: what follows the end-of-text is never seen
+    before_eot = tokens.clone()
+    before_eot[0, 1] = 42
+    feature = model.encode_text(tokens)
+    assert torch.allclose(feature, model.encode_text(after_eot))
+    assert not torch.allclose(feature, model.encode_text(before_eot))
+
+
+def test_nclip_zero_shot_embedding_is_the_root_of_the_prototype_distribution():
+    model = small_model("nclip")
+    images = torch.randn(2, 3, 16, 16)
+    embedding = model.embed_image(images)
+    p = torch.softmax(model.image_head(model.encode_image(images)) / model.student_temp, dim=-1)
+    assert torch.allclose(embedding.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(embedding ** 2, p, atol=1e-6)
+
+
+def test_weight_decay_applies_to_weight_matrices_only():
+    model = small_model()
+    optimizer = model.configure_optimizers(1e-3, 0.2, (0.9, 0.98), 1e-6, "cpu")
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert "visual.transformer.blocks.0.attn.qkv.weight" in names
+    assert "image_head.prototypes" in names
+    assert not any(k in name for name in names
+                   for k in ("bias", "ln_", "embedding", "logit_scale"))
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0

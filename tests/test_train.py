@@ -1,0 +1,98 @@
+"""train.py as a user runs it: bad input is one line and exit code 2, a run can be
+stopped and resumed exactly, and each objective learns on the built-in data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small enough for seconds per run on a laptop CPU.
+SMALL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "64", "--text-width", "64",
+         "--embed-dim", "64", "--head-hidden-dim", "128", "--num-prototypes", "256",
+         "--batch-size", "32", "--val-samples", "200", "--workers", "0"]
+
+
+def run_train(*flags, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "vit_h14"], "invalid choice: 'vit_h14'"),
+    (["--batch-size", "-4"], "must be a positive integer"),
+    (["--synthetic-loose-fraction", "1.5"], "must be in [0, 1]"),
+    (["--out-dir", "/dev/null/out"], "is not writable"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(flags, message):
+    result = run_train(*flags, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def final_weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
+    flags = SMALL + ["--steps", "30", "--log-every", "1", "--val-samples", "20"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    assert run_train(*flags, "--out-dir", straight).returncode == 0
+
+    process = subprocess.Popen([sys.executable, "train.py", *flags, "--out-dir", stopped],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(stopped, "log.jsonl")
+    while not (os.path.exists(log) and len(open(log).readlines()) >= 5):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    saved_step = torch.load(os.path.join(stopped, "ckpt.pt"), weights_only=False)["step"]
+    assert 5 <= saved_step < 30
+
+    resumed = run_train(*flags, "--out-dir", stopped, "--resume", os.path.join(stopped, "ckpt.pt"))
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = final_weights(straight), final_weights(stopped)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run per objective, shared by the tests that read its results."""
+    def train(loss):
+        out_dir = str(tmp_path_factory.mktemp(loss))
+        result = run_train(*SMALL, "--loss", loss, "--steps", "150", "--out-dir", out_dir, "--lr", "2e-3")
+        assert result.returncode == 0, result.stderr[-2000:]
+        with open(os.path.join(out_dir, "final_metrics.json")) as f:
+            metrics = json.load(f)
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+        return metrics, log
+    return train
+
+
+@pytest.mark.parametrize("loss", ["clip", "xclip"])
+def test_clip_and_xclip_learn_zero_shot_color_well_above_chance(trained, loss):
+    metrics, log = trained(loss)
+    assert metrics["zeroshot/color/top1"] > 0.5  # chance: 1/8
+    assert log[-1]["clip/loss"] < log[0]["clip/loss"] - 0.5
+
+
+def test_nclip_keeps_prototype_usage_spread(trained):
+    metrics, log = trained("nclip")
+    for modality in ("image", "text"):
+        assert log[-1][f"nclip/{modality}_perplexity"] > 10  # a one-hot collapse drives it to 1
+
+
+@pytest.mark.xfail(strict=True, reason="known result at this scale: nCLIP alone settles on one shared "
+                                       "distribution for every sample (README, 'What we saw')")
+def test_nclip_prototypes_carry_information_about_the_sample(trained):
+    metrics, log = trained("nclip")
+    assert log[-1]["nclip/information"] > 0.5

@@ -1,0 +1,324 @@
+"""Train CLIP, nCLIP or xCLIP.
+
+    python train.py                                   # xCLIP, tiny model, built-in data, CPU
+    torchrun --nproc_per_node=8 train.py --model vit_b16 --loss xclip ...
+
+One plain loop: schedule, forward under autocast, loss, backward, clip, step, log,
+checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0 at the end.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import DataError, ResumableSampler, SyntheticCaptions, Tokenizer, TrainTransform, make_loader
+from losses import REGULARIZERS, Objective
+from model import OBJECTIVES, PRESETS, TwoTowerModel, config_fields, model_config
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser():
+    p = OneLineErrorParser(description="Train CLIP, nCLIP or xCLIP (Zhou et al., CVPR 2023).")
+    p.add_argument("--loss", choices=OBJECTIVES, default="xclip",
+                   help="objective: clip (contrastive), nclip (non-contrastive), xclip (both)")
+    p.add_argument("--model", choices=list(PRESETS), default="tiny",
+                   help="architecture preset; tiny runs on a CPU, vit_b16 is the paper's")
+    model_flags = p.add_argument_group("model fields (override the preset)")
+    for f in config_fields():
+        model_flags.add_argument("--" + f.name.replace("_", "-"), type=positive_int, default=None,
+                                 help=f.metadata["help"])
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per process; the global batch is this times the number of processes")
+    p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps")
+    p.add_argument("--lr", type=non_negative_float, default=2e-3,
+                   help="peak learning rate (the default suits the tiny preset; CLIP used 5e-4 for B/16)")
+    p.add_argument("--wd", type=non_negative_float, default=0.2, help="AdamW weight decay on weight matrices")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    p.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+    objective = p.add_argument_group("objective")
+    objective.add_argument("--nclip-weight", type=non_negative_float, default=1.0,
+                           help="lambda_n in L_xCLIP = L_CLIP + lambda_n L_nCLIP")
+    objective.add_argument("--me-max-weight", type=non_negative_float, default=1.0,
+                           help="lambda_me in L_nCLIP = L_pred + lambda_me L_me")
+    objective.add_argument("--student-temp", type=non_negative_float, default=0.1,
+                           help="tau_s, temperature of the predictions p")
+    objective.add_argument("--teacher-temp", type=non_negative_float, default=0.04,
+                           help="tau_t, temperature of the targets q; below tau_s it sharpens them")
+    objective.add_argument("--regularizer", choices=REGULARIZERS, default="memax",
+                           help="nCLIP anti-collapse: memax (the paper's mean-entropy maximization), "
+                                "center (DINO's EMA center), sinkhorn (SwAV's equipartition)")
+    objective.add_argument("--center-momentum", type=fraction, default=0.9,
+                           help="EMA momentum of the center for --regularizer center")
+    objective.add_argument("--target-grad", action="store_true",
+                           help="let gradient flow through the targets q (ablation; the paper stops it)")
+    objective.add_argument("--local-loss", action="store_true",
+                           help="CLIP: score local rows against the global batch only (same gradient, less memory)")
+    data = p.add_argument_group("data")
+    data.add_argument("--train-data", default="synthetic", help="'synthetic' for the built-in data")
+    data.add_argument("--synthetic-loose-fraction", type=fraction, default=0.15,
+                      help="synthetic captions that describe only part of the image")
+    data.add_argument("--synthetic-unrelated-fraction", type=fraction, default=0.05,
+                      help="synthetic captions of another image")
+    data.add_argument("--synthetic-heldout-pairs", type=int, default=4,
+                      help="(color, shape) pairs never shown in training, for compositional zero-shot")
+    data.add_argument("--min-crop-scale", type=fraction, default=0.8,
+                      help="smallest area fraction of the random resized crop (0.5 suits real photos)")
+    data.add_argument("--workers", type=int, default=1, help="data-loader processes per rank")
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default="out", help="checkpoints, log.jsonl and final_metrics.json go here")
+    run.add_argument("--resume", default=None, help="checkpoint to continue from")
+    run.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
+    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="bf16 autocast or fp32; auto picks bf16 on GPU, fp32 on CPU")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--grad-checkpointing", action="store_true",
+                     help="recompute transformer blocks in backward: less memory, more time")
+    run.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
+    run.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints")
+    run.add_argument("--val-samples", type=int, default=1000, help="synthetic val images per eval task")
+    return p
+
+
+def fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_writable(directory):
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        fail(f"--out-dir {directory} is not writable: {error.strerror or error}")
+
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr, then cosine decay to 0 at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def setup_distributed(device_arg):
+    """(rank, world_size, device) from the torchrun environment, or a single process."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world_size, device
+
+
+def save_checkpoint(path, model, objective, optimizer, step, args):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    checkpoint = {
+        "model": model.state_dict(), "objective_state": objective.state_dict(),
+        "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
+        "model_config": asdict(model.config), "objective": model.objective,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    temporary = path + ".tmp"
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, model, objective, optimizer):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    objective.load_state_dict(checkpoint["objective_state"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    np.random.set_state(checkpoint["rng"]["numpy"])
+    random.setstate(checkpoint["rng"]["python"])
+    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["step"]
+
+
+def build_train_loader(args, config, tokenizer, rank, world_size, start_step):
+    transform = TrainTransform(config.image_size, scale=(args.min_crop_scale, 1.0))
+    if args.train_data != "synthetic":
+        raise DataError(f"--train-data {args.train_data}: only 'synthetic' is supported so far")
+    dataset = SyntheticCaptions(
+        "train", args.steps * args.batch_size * world_size, args.seed, config.image_size, transform,
+        tokenizer, args.synthetic_loose_fraction, args.synthetic_unrelated_fraction,
+        args.synthetic_heldout_pairs)
+    sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size,
+                               start=start_step * args.batch_size * world_size, seed=args.seed, finite=False)
+    return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())
+
+
+def reduce_metrics(metrics, world_size):
+    """Average a dict of scalar tensors over ranks with one all-reduce, then one sync."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return dict(zip(metrics, values.tolist()))
+
+
+def final_evaluation(model, tokenizer, args, device):
+    from eval import synthetic_zero_shot
+    return synthetic_zero_shot(model, tokenizer, model.config.image_size, args.val_samples,
+                               args.seed, args.synthetic_heldout_pairs, device)
+
+
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    """Ctrl-C or SIGTERM: finish the step, save at the next log line, exit."""
+    global stop_signal
+    stop_signal = signum
+
+
+def train(args):
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    if is_main:
+        check_writable(args.out_dir)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    overrides = {f.name: getattr(args, f.name) for f in config_fields()}
+    config = model_config(args.model, **overrides)
+    model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
+    objective = Objective(args.loss, config.num_prototypes, args.student_temp, args.teacher_temp,
+                          args.me_max_weight, args.nclip_weight, args.regularizer,
+                          args.center_momentum, args.target_grad, args.local_loss).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                                           torch.device(device).type)
+    start_step = load_checkpoint(args.resume, model, objective, optimizer) if args.resume else 0
+    torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
+    tokenizer = Tokenizer(config.context_length)
+    loader = build_train_loader(args, config, tokenizer, rank, world_size, start_step)
+
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16) if use_bf16 else nullcontext()
+
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
+    if is_main:
+        print(f"{args.loss} | {args.model}: {model.num_params() / 1e6:.2f}M parameters | "
+              f"global batch {args.batch_size * world_size} on {world_size} x {device}", flush=True)
+    bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
+    batches, last_log_time = iter(loader), time.time()
+    for step in range(start_step, args.steps):
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, tokens = next(batches)
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        with autocast:
+            loss, metrics = objective(train_model(images, tokens))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        bar.update(1)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            # The only host sync of the loop; it also agrees across ranks on stopping.
+            logged = reduce_metrics({"loss": loss.detach(), "grad_norm": grad_norm, **metrics,
+                                     "stop": torch.tensor(float(stop_signal is not None), device=device)},
+                                    world_size)
+            now = time.time()
+            logged.update(step=step + 1, lr=lr, samples_per_second=args.log_every * args.batch_size
+                          * world_size / (now - last_log_time))
+            last_log_time = now
+            if is_main:
+                bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.3g}" for k in
+                                 ("loss", "lr", "logit_scale", "nclip/image_perplexity",
+                                  "nclip/same_prototype") if k in logged})
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(logged) + "\n")
+            if logged.pop("stop") > 0:  # Ctrl-C or SIGTERM: keep what was learned, then stop
+                if is_main:
+                    save_checkpoint(checkpoint_path, model, objective, optimizer, step + 1, args)
+                    print(f"\nstopped by a signal: saved step {step + 1} to {checkpoint_path}; "
+                          "continue with --resume", file=sys.stderr)
+                sys.exit(128 + (stop_signal or signal.SIGTERM))
+        if is_main and (step + 1) % args.save_every == 0:
+            save_checkpoint(checkpoint_path, model, objective, optimizer, step + 1, args)
+    bar.close()
+    if is_main:
+        save_checkpoint(checkpoint_path, model, objective, optimizer, args.steps, args)
+        metrics = final_evaluation(model, tokenizer, args, device)
+        metrics_path = os.path.join(args.out_dir, "final_metrics.json")
+        with open(metrics_path, "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"final metrics ({metrics_path}):")
+        from eval import print_table
+        print_table(metrics)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume}: no such checkpoint")
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        train(args)
+    except DataError as error:
+        fail(str(error))
+
+
+if __name__ == "__main__":
+    main()

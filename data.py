@@ -1,5 +1,8 @@
 """Tokenizer, the built-in synthetic captioned images, image transforms and loaders."""
+import csv
+import json
 import math
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -302,6 +305,40 @@ class SyntheticCaptions(Dataset):
         image = self.transform(self.image(index), self.rng(index, stream=4))
         caption = self.caption(index)
         return image, (self.tokenizer([caption])[0] if self.tokenizer else caption)
+
+
+# ----------------------------------------------------------------------------- files on disk
+
+def open_image(path):
+    """The image at `path` as RGB, or None when it is missing, truncated or corrupt."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def read_caption_table(path, image_key="filepath", caption_key="title", separator=None):
+    """(image path, caption) pairs from a CSV/TSV (open_clip's columns by default) or a
+    JSONL file with one object per line. Image paths are relative to the file's folder.
+    An image may appear on several rows, one per caption."""
+    if not os.path.isfile(path):
+        raise DataError(f"caption file not found: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            try:
+                rows = [json.loads(line) for line in f if line.strip()]
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: not JSON lines ({error})") from None
+        else:
+            separator = separator or ("\t" if path.endswith(".tsv") else ",")
+            rows = list(csv.DictReader(f, delimiter=separator))
+    missing = [key for key in (image_key, caption_key) if rows and key not in rows[0]]
+    if missing or not rows:
+        raise DataError(f"{path}: no rows" if not rows else
+                        f"{path}: no column {', '.join(map(repr, missing))} (have {', '.join(rows[0])})")
+    return [(os.path.join(folder, row[image_key]), row[caption_key] or "") for row in rows]
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -1,9 +1,10 @@
 """Tokenizer, the synthetic dataset, transforms and the resumable sampler."""
+import pytest
 import torch
 from PIL import Image
 
-from data import (COLORS, SHAPES, EvalTransform, ResumableSampler, SyntheticCaptions, Tokenizer,
-                  TrainTransform, heldout_pairs)
+from data import (COLORS, SHAPES, DataError, EvalTransform, ResumableSampler, SyntheticCaptions, Tokenizer,
+                  TrainTransform, heldout_pairs, open_image, read_caption_table)
 
 
 def test_tokenizer_round_trips_and_pads_after_end_of_text():
@@ -100,3 +101,32 @@ def test_sampler_resumes_exactly_where_it_stopped():
 def test_procedural_sampler_counts_global_samples():
     rank1 = take(iter(ResumableSampler(None, 2, rank=1, world_size=3, start=6, finite=False)), 4)
     assert rank1 == [8, 9, 14, 15]
+
+
+def test_caption_tables_read_back_exactly_what_was_written(tmp_path):
+    (tmp_path / "a.csv").write_text('filepath,title\nimg/1.jpg,"a red, round thing"\nimg/2.jpg,\n')
+    (tmp_path / "b.tsv").write_text("path\tcaption\nx.png\tsecond caption\n")
+    (tmp_path / "c.jsonl").write_text('{"filepath": "y.jpg", "title": "third"}\n\n')
+    assert read_caption_table(str(tmp_path / "a.csv")) == [
+        (str(tmp_path / "img/1.jpg"), "a red, round thing"), (str(tmp_path / "img/2.jpg"), "")]
+    assert read_caption_table(str(tmp_path / "b.tsv"), "path", "caption") == [(str(tmp_path / "x.png"), "second caption")]
+    assert read_caption_table(str(tmp_path / "c.jsonl")) == [(str(tmp_path / "y.jpg"), "third")]
+
+
+def test_caption_table_errors_name_the_problem(tmp_path):
+    (tmp_path / "a.csv").write_text("file,text\nx.jpg,hi\n")
+    with pytest.raises(DataError, match="no column 'filepath', 'title'"):
+        read_caption_table(str(tmp_path / "a.csv"))
+    with pytest.raises(DataError, match="not found"):
+        read_caption_table(str(tmp_path / "missing.csv"))
+
+
+def test_open_image_returns_none_for_corrupt_or_truncated_files(tmp_path):
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "good.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    assert open_image(str(tmp_path / "good.png")).getpixel((0, 0)) == (1, 2, 3)
+    for name in ("truncated.jpg", "junk.jpg", "absent.jpg"):
+        assert open_image(str(tmp_path / name)) is None

@@ -1,17 +1,20 @@
 """Tokenizer, the built-in synthetic captioned images, image transforms and loaders."""
 import csv
+import io
 import json
 import math
 import os
 import random
+import re
 import signal
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
 import tiktoken
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 
 class DataError(Exception):
@@ -301,10 +304,10 @@ class SyntheticCaptions(Dataset):
     def image(self, index):
         return render_scene(self.scene(index)[0], self.rng(index, stream=3), self.image_size)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index):  # -> (image, tokens or caption, skip counts: always none)
         image = self.transform(self.image(index), self.rng(index, stream=4))
         caption = self.caption(index)
-        return image, (self.tokenizer([caption])[0] if self.tokenizer else caption)
+        return image, (self.tokenizer([caption])[0] if self.tokenizer else caption), no_skips()
 
 
 # ----------------------------------------------------------------------------- files on disk
@@ -341,7 +344,146 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
     return [(os.path.join(folder, row[image_key]), row[caption_key] or "") for row in rows]
 
 
-# ----------------------------------------------------------------------------- loaders
+# ----------------------------------------------------------------------------- training data
+# Every training sample is (image, tokens, skipped): `skipped` counts, by SKIP_REASONS, the
+# bad items passed over to produce it, so counts from any worker and rank add up in the
+# training loop while every batch keeps its size.
+
+SKIP_REASONS = ("bad_image", "bad_caption", "bad_shard")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def no_skips():
+    return torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+
+
+class CaptionTableDataset(Dataset):
+    """Training pairs from a CSV/TSV/JSONL caption table. A pair whose image will not
+    decode or whose caption is empty is passed over for the next row, and counted."""
+
+    def __init__(self, path, transform, tokenizer, image_key="filepath", caption_key="title", separator=None):
+        self.path, self.transform, self.tokenizer = path, transform, tokenizer
+        self.pairs = read_caption_table(path, image_key, caption_key, separator)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        skipped = no_skips()
+        for offset in range(len(self.pairs)):
+            image_path, caption = self.pairs[(index + offset) % len(self.pairs)]
+            image = open_image(image_path) if caption.strip() else None
+            if image is not None:
+                return self.transform(image), self.tokenizer([caption])[0], skipped
+            skipped[SKIP_REASONS.index("bad_caption" if not caption.strip() else "bad_image")] += 1
+        raise DataError(f"{self.path}: not one readable image with a caption")
+
+
+def expand_shards(pattern):
+    """Brace expansion as img2dataset users write it: '/data/{00000..00331}.tar' (zero
+    padding kept), '{a,b}' lists, and several patterns joined by '::'."""
+    if "::" in pattern:
+        return [path for part in pattern.split("::") for path in expand_shards(part)]
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    if ".." in body:
+        first, last = body.split("..")
+        options = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [path for option in options for path in expand_shards(head + option + tail)]
+
+
+def tar_samples(path):
+    """(key, {extension: bytes}) for each sample of a webdataset tar: the files
+    {key}.jpg, {key}.txt, {key}.json that img2dataset writes next to each other."""
+    key, files = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, name = os.path.split(member.name)
+            stem, _, extension = name.partition(".")
+            if os.path.join(folder, stem) != key and files:
+                yield key, files
+                files = {}
+            key = os.path.join(folder, stem)
+            files[extension.lower()] = tar.extractfile(member).read()
+    if files:
+        yield key, files
+
+
+class TarShardStream(IterableDataset):
+    """An endless stream of training pairs from webdataset tar shards.
+
+    Each epoch shuffles the shard order with (seed, epoch), the same on every rank and
+    worker; slot s of the rank x worker slots reads shards s, s + slots, ... of it (every
+    slot gets one even if there are fewer shards than slots). Samples pass through a
+    shuffle buffer of raw bytes and are decoded on the way out. Bad images, missing or
+    empty captions and unreadable shards are counted and passed over.
+
+    Resuming is shard-granular: `start_epoch` and `start_fraction` (of the epoch already
+    read, from the sample count) skip that fraction of each slot's shards. `epochs` ends
+    the stream (default: endless); a finite stream drops the counts of bad samples that
+    come after its last good one, having no sample left to carry them.
+    """
+
+    def __init__(self, shards, transform, tokenizer, rank=0, world_size=1, seed=0, shuffle_buffer=1000,
+                 start_epoch=0, start_fraction=0.0, epochs=None):
+        self.shards, self.transform, self.tokenizer = shards, transform, tokenizer
+        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        self.start_epoch, self.start_fraction, self.epochs = start_epoch, start_fraction, epochs
+
+    def slot_shards(self, epoch, worker_id=0, num_workers=1):
+        slot, slots = self.rank * num_workers + worker_id, self.world_size * num_workers
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
+            self.seed * 100_003 + epoch)).tolist()
+        mine = [self.shards[order[i % len(order)]] for i in range(slot, max(len(order), slots), slots)]
+        return mine[int(len(mine) * self.start_fraction):] if epoch == self.start_epoch else mine
+
+    def raw_samples(self, skipped, worker_id, num_workers):
+        last_epoch = None if self.epochs is None else self.start_epoch + self.epochs
+        epoch = self.start_epoch
+        while epoch != last_epoch:
+            for shard in self.slot_shards(epoch, worker_id, num_workers):
+                try:
+                    for _, files in tar_samples(shard):
+                        yield files
+                except (tarfile.TarError, OSError, EOFError):
+                    skipped[SKIP_REASONS.index("bad_shard")] += 1
+            epoch += 1
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        rng = random.Random(self.seed * 1_000_003 + self.rank * 1009 + worker_id)
+        skipped, buffer = no_skips(), []
+        raw = self.raw_samples(skipped, worker_id, num_workers)
+        while True:
+            for files in raw:
+                buffer.append(files)
+                if len(buffer) >= self.shuffle_buffer:
+                    break
+            if not buffer:
+                return
+            files = buffer.pop(rng.randrange(len(buffer)))
+            sample = self.decode(files, skipped)
+            if sample is not None:
+                yield (*sample, skipped.clone())
+                skipped.zero_()
+
+    def decode(self, files, skipped):
+        caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+        image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        image = open_image(io.BytesIO(image_bytes)) if caption and image_bytes is not None else None
+        if image is None:
+            skipped[SKIP_REASONS.index("bad_image" if caption else "bad_caption")] += 1
+            return None
+        return self.transform(image), self.tokenizer([caption])[0]
+
 
 class ResumableSampler(Sampler):
     """Indices for one rank, from global sample `start` on, forever.
@@ -385,3 +527,32 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, 
                       num_workers=workers, pin_memory=pin_memory, drop_last=sampler is not None,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=ignore_interrupts)
+
+
+def build_train_loader(args, image_size, tokenizer, rank, world_size, start_sample):
+    """The training loader for train.py's flags (`args`): the built-in synthetic data,
+    a CSV/TSV/JSONL caption table, or webdataset tar shards; from global sample
+    `start_sample` on, for a resumed run."""
+    transform = TrainTransform(image_size, scale=(args.min_crop_scale, 1.0))
+    sampler = None
+    if args.train_data == "synthetic":
+        dataset = SyntheticCaptions(
+            "train", 2**40, args.seed, image_size, transform, tokenizer, args.synthetic_loose_fraction,
+            args.synthetic_unrelated_fraction, args.synthetic_heldout_pairs)
+        sampler = ResumableSampler(None, args.batch_size, rank, world_size, start_sample, args.seed, finite=False)
+    elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
+        dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
+                                      args.csv_caption_key, args.csv_separator)
+        sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample, args.seed)
+    else:
+        shards = expand_shards(args.train_data)
+        missing = [path for path in shards if not os.path.isfile(path)]
+        if missing:
+            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing, e.g. "
+                            + ", ".join(missing[:3]))
+        if not args.train_num_samples:
+            raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
+        epoch, position = divmod(start_sample, args.train_num_samples)
+        dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed, args.shuffle_buffer,
+                                 epoch, position / args.train_num_samples)
+    return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())

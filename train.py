@@ -7,6 +7,7 @@ One plain loop: schedule, forward under autocast, loss, backward, clip, step, lo
 checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0 at the end.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import DataError, ResumableSampler, SyntheticCaptions, Tokenizer, TrainTransform, make_loader
+from data import SKIP_REASONS, DataError, Tokenizer, build_train_loader
 from losses import REGULARIZERS, Objective
 from model import OBJECTIVES, PRESETS, TwoTowerModel, config_fields, model_config
 
@@ -97,7 +98,16 @@ def build_parser():
     objective.add_argument("--local-loss", action="store_true",
                            help="CLIP: score local rows against the global batch only (same gradient, less memory)")
     data = p.add_argument_group("data")
-    data.add_argument("--train-data", default="synthetic", help="'synthetic' for the built-in data")
+    data.add_argument("--train-data", default="synthetic",
+                      help="'synthetic' (built-in), a .csv/.tsv/.jsonl caption table, or webdataset tar "
+                           "shards as img2dataset writes them, e.g. '/data/cc3m/{00000..00331}.tar'")
+    data.add_argument("--train-num-samples", type=positive_int, default=None,
+                      help="samples in one epoch of tar shards (needed for them; sets where --resume restarts)")
+    data.add_argument("--csv-img-key", default="filepath", help="caption table column with the image path")
+    data.add_argument("--csv-caption-key", default="title", help="caption table column with the caption")
+    data.add_argument("--csv-separator", default=None, help="caption table separator (default: tab for .tsv, else comma)")
+    data.add_argument("--shuffle-buffer", type=positive_int, default=1000,
+                      help="tar shards: samples held per loader worker to shuffle within")
     data.add_argument("--synthetic-loose-fraction", type=fraction, default=0.15,
                       help="synthetic captions that describe only part of the image")
     data.add_argument("--synthetic-unrelated-fraction", type=fraction, default=0.05,
@@ -186,19 +196,6 @@ def load_checkpoint(path, model, objective, optimizer):
     return checkpoint["step"]
 
 
-def build_train_loader(args, config, tokenizer, rank, world_size, start_step):
-    transform = TrainTransform(config.image_size, scale=(args.min_crop_scale, 1.0))
-    if args.train_data != "synthetic":
-        raise DataError(f"--train-data {args.train_data}: only 'synthetic' is supported so far")
-    dataset = SyntheticCaptions(
-        "train", args.steps * args.batch_size * world_size, args.seed, config.image_size, transform,
-        tokenizer, args.synthetic_loose_fraction, args.synthetic_unrelated_fraction,
-        args.synthetic_heldout_pairs)
-    sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size,
-                               start=start_step * args.batch_size * world_size, seed=args.seed, finite=False)
-    return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())
-
-
 def reduce_metrics(metrics, world_size):
     """Average a dict of scalar tensors over ranks with one all-reduce, then one sync."""
     values = torch.stack([v.float() for v in metrics.values()])
@@ -242,7 +239,8 @@ def train(args):
     start_step = load_checkpoint(args.resume, model, objective, optimizer) if args.resume else 0
     torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
     tokenizer = Tokenizer(config.context_length)
-    loader = build_train_loader(args, config, tokenizer, rank, world_size, start_step)
+    loader = build_train_loader(args, config.image_size, tokenizer, rank, world_size,
+                                start_sample=start_step * args.batch_size * world_size)
 
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
@@ -256,12 +254,14 @@ def train(args):
         print(f"{args.loss} | {args.model}: {model.num_params() / 1e6:.2f}M parameters | "
               f"global batch {args.batch_size * world_size} on {world_size} x {device}", flush=True)
     bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
-    batches, last_log_time = iter(loader), time.time()
+    batches, last_log_time, logged = iter(loader), time.time(), {}
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over, this rank
     for step in range(start_step, args.steps):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, tokens = next(batches)
+        images, tokens, skipped_now = next(batches)
+        skipped += skipped_now.sum(dim=0)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         with autocast:
             loss, metrics = objective(train_model(images, tokens))
@@ -274,7 +274,9 @@ def train(args):
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             # The only host sync of the loop; it also agrees across ranks on stopping.
             logged = reduce_metrics({"loss": loss.detach(), "grad_norm": grad_norm, **metrics,
-                                     "stop": torch.tensor(float(stop_signal is not None), device=device)},
+                                     "stop": torch.tensor(float(stop_signal is not None), device=device),
+                                     # summed over ranks, as a mean times the number of ranks
+                                     **{f"skipped/{r}": n.to(device) * world_size for r, n in zip(SKIP_REASONS, skipped)}},
                                     world_size)
             now = time.time()
             logged.update(step=step + 1, lr=lr, samples_per_second=args.log_every * args.batch_size
@@ -283,7 +285,8 @@ def train(args):
             if is_main:
                 bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.3g}" for k in
                                  ("loss", "lr", "logit_scale", "nclip/image_perplexity",
-                                  "nclip/same_prototype") if k in logged})
+                                  "nclip/information") if k in logged}, skipped=int(sum(
+                                     logged[f"skipped/{r}"] for r in SKIP_REASONS)))
                 with open(log_path, "a") as f:
                     f.write(json.dumps(logged) + "\n")
             if logged.pop("stop") > 0:  # Ctrl-C or SIGTERM: keep what was learned, then stop
@@ -297,7 +300,12 @@ def train(args):
     bar.close()
     if is_main:
         save_checkpoint(checkpoint_path, model, objective, optimizer, args.steps, args)
-        metrics = final_evaluation(model, tokenizer, args, device)
+        metrics = {k: v for k, v in logged.items() if k.startswith("skipped/")}
+        print("bad samples skipped: " + ", ".join(f"{k.split('/')[1]} {v:.0f}" for k, v in metrics.items()))
+        if args.train_data == "synthetic":
+            metrics.update(final_evaluation(model, tokenizer, args, device))
+        else:
+            print(f"evaluate on your own data with: python eval.py --checkpoint {checkpoint_path} ...")
         metrics_path = os.path.join(args.out_dir, "final_metrics.json")
         with open(metrics_path, "w") as f:
             json.dump(metrics, f, indent=1)
@@ -305,6 +313,8 @@ def train(args):
         from eval import print_table
         print_table(metrics)
     if world_size > 1:
+        del train_model
+        gc.collect()  # DDP's reducer goes before its process group, not in interpreter teardown
         dist.destroy_process_group()
 
 

@@ -1,0 +1,101 @@
+"""N ranks against one process: the same global batch gives the same loss and, after
+DDP averages them, the same parameter gradients. And a 2-rank torchrun of train.py on
+tar shards with bad samples in them."""
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import write_tar_shards
+from losses import Objective
+from model import TwoTowerModel, model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLOBAL_BATCH, EOT = 8, 999
+
+
+def small_config():
+    return model_config("tiny", vision_layers=1, text_layers=1, vision_width=32, text_width=32, vision_heads=2,
+                        text_heads=2, embed_dim=16, num_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                        vocab_size=1000, eot_token_id=EOT, image_size=16, patch_size=8, context_length=8)
+
+
+def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
+    """This rank's share of one fixed global batch: the loss averaged over ranks, and
+    the parameter gradients as DDP leaves them."""
+    torch.manual_seed(0)
+    model = TwoTowerModel(small_config(), objective_name)
+    objective = Objective(objective_name, num_prototypes=64, local_loss=local_loss)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator)
+    tokens = torch.randint(0, EOT, (GLOBAL_BATCH, 8), generator=generator)
+    tokens[:, 5] = EOT
+    local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    trained = DistributedDataParallel(model) if world_size > 1 else model
+    loss, _ = objective(trained(images[local], tokens[local]))
+    loss.backward()
+    loss = loss.detach()
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    return loss, {name: p.grad for name, p in model.named_parameters()}
+
+
+def rank_main(rank, world_size, port, objective_name, local_loss, result_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    result = loss_and_gradients(objective_name, local_loss, rank, world_size)
+    if rank == 0:
+        torch.save(result, result_path)
+    gc.collect()  # free DDP's reducer now, not during interpreter teardown, where gloo can abort
+    dist.barrier()  # no rank tears the group down while another still uses it
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("objective_name,local_loss", [("clip", False), ("clip", True), ("nclip", False),
+                                                       ("xclip", False)])
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, objective_name, local_loss):
+    result_path = str(tmp_path / "two_ranks.pt")
+    mp.spawn(rank_main, args=(2, free_port(), objective_name, local_loss, result_path), nprocs=2)
+    loss, gradients = torch.load(result_path)
+    expected_loss, expected_gradients = loss_and_gradients(objective_name, local_loss)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, expected in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_torchrun_two_ranks_on_tar_shards_with_bad_samples(tmp_path):
+    write_tar_shards(str(tmp_path), num_shards=4, per_shard=8, truncated={3}, empty_caption={21})
+    out_dir = str(tmp_path / "out")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--train-data", str(tmp_path / "{00000..00003}.tar"), "--train-num-samples", "32",
+               "--shuffle-buffer", "4", "--steps", "8", "--batch-size", "4", "--workers", "1",
+               "--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+               "--embed-dim", "16", "--num-prototypes", "64", "--head-hidden-dim", "32",
+               "--log-every", "2", "--out-dir", out_dir]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out_dir, "final_metrics.json")) as f:
+        metrics = json.load(f)
+    # 8 steps of 4 read each rank's 16 samples twice: each bad one is met once or more
+    assert metrics["skipped/bad_image"] >= 1 and metrics["skipped/bad_caption"] >= 1
+    assert metrics["skipped/bad_shard"] == 0
+    assert (f"bad samples skipped: bad_image {metrics['skipped/bad_image']:.0f}, "
+            f"bad_caption {metrics['skipped/bad_caption']:.0f}, bad_shard 0") in result.stdout
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        assert len(f.readlines()) == 4

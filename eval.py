@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import COLORS, SHAPES, DataError, EvalTransform, SyntheticCaptions, Tokenizer, make_loader, with_article
+from data import DataError, EvalTransform, Tokenizer, make_loader
+from synthetic import COLORS, SHAPES, SyntheticCaptions, with_article
 from model import TwoTowerModel
 
 SHAPE_TEMPLATES = ("a photo of a {}.", "there is a {} in the picture.", "a {} on a cluttered background.")

@@ -5,7 +5,6 @@ which are the identity on one process. Their backward passes sum the gradient ov
 ranks, so that after DistributedDataParallel averages parameter gradients, N ranks
 get exactly the gradient of one process on the same global batch.
 """
-import math
 
 import torch
 import torch.distributed as dist

@@ -25,9 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import SKIP_REASONS, DataError, Tokenizer, build_train_loader
+from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream, Tokenizer,
+                  TrainTransform, expand_shards, make_loader)
 from losses import REGULARIZERS, Objective
 from model import OBJECTIVES, PRESETS, TwoTowerModel, config_fields, model_config
+from synthetic import SyntheticCaptions
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -167,6 +169,35 @@ def setup_distributed(device_arg):
     if world_size > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world_size, device
+
+
+def build_train_loader(args, image_size, tokenizer, rank, world_size, start_sample):
+    """The training loader for train.py's flags (`args`): the built-in synthetic data,
+    a CSV/TSV/JSONL caption table, or webdataset tar shards; from global sample
+    `start_sample` on, for a resumed run."""
+    transform = TrainTransform(image_size, scale=(args.min_crop_scale, 1.0))
+    sampler = None
+    if args.train_data == "synthetic":
+        dataset = SyntheticCaptions(
+            "train", 2**40, args.seed, image_size, transform, tokenizer, args.synthetic_loose_fraction,
+            args.synthetic_unrelated_fraction, args.synthetic_heldout_pairs)
+        sampler = ResumableSampler(None, args.batch_size, rank, world_size, start_sample, args.seed, finite=False)
+    elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
+        dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
+                                      args.csv_caption_key, args.csv_separator)
+        sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample, args.seed)
+    else:
+        shards = expand_shards(args.train_data)
+        missing = [path for path in shards if not os.path.isfile(path)]
+        if missing:
+            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing, e.g. "
+                            + ", ".join(missing[:3]))
+        if not args.train_num_samples:
+            raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
+        epoch, position = divmod(start_sample, args.train_num_samples)
+        dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed, args.shuffle_buffer,
+                                 epoch, position / args.train_num_samples)
+    return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())
 
 
 def save_checkpoint(path, model, objective, optimizer, step, args):

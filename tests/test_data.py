@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (COLORS, SHAPES, DataError, EvalTransform, ResumableSampler, SyntheticCaptions, Tokenizer,
-                  TrainTransform, heldout_pairs, open_image, read_caption_table)
+from data import DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, open_image, read_caption_table
+from synthetic import COLORS, SHAPES, SyntheticCaptions, heldout_pairs
 
 
 def test_tokenizer_round_trips_and_pads_after_end_of_text():

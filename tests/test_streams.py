@@ -4,12 +4,11 @@ import os
 from argparse import Namespace
 
 import pytest
-import torch
-from PIL import Image
 
 from conftest import jpeg_bytes, write_tar_shards
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream, Tokenizer,
-                  EvalTransform, build_train_loader, expand_shards, make_loader, tar_samples)
+                  EvalTransform, expand_shards, make_loader, tar_samples)
+from train import build_train_loader
 
 TOKENIZER = Tokenizer(context_length=8)
 TRANSFORM = EvalTransform(16)

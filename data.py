@@ -137,13 +137,85 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
     return [(os.path.join(folder, row[image_key]), row[caption_key] or "") for row in rows]
 
 
+# Image files read from folders; in tar shards, the first of these beside a caption.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def name_examples(names, count=3):
+    return ", ".join(names[:count]) + (f" (and {len(names) - count} more)" if len(names) > count else "")
+
+
+def read_image_folder(root):
+    """An ImageNet-style folder root/<class>/<image> -> (class folder names, [(image path,
+    label)]), classes in sorted folder order, as torchvision's ImageFolder numbers them."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not folders:
+        raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    samples, empty = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(name for name in os.listdir(os.path.join(root, folder))
+                       if name.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+        samples += [(os.path.join(root, folder, f), label) for f in files]
+        empty += [] if files else [folder]
+    if empty:
+        raise DataError(f"{root}: {len(empty)} class folder(s) without images: {name_examples(empty)}")
+    return folders, samples
+
+
+def read_lines(path, expected_count=None):
+    """The non-blank lines of a text file (class names, prompt templates)."""
+    if not os.path.isfile(path):
+        raise DataError(f"file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if expected_count is not None and len(lines) != expected_count:
+        raise DataError(f"{path}: {len(lines)} lines, expected {expected_count}")
+    return lines
+
+
+def group_captions_by_image(pairs):
+    """(image path, caption) rows -> (image paths, captions, image index of each caption),
+    images in order of first appearance; every image must exist."""
+    image_index = {}
+    for path, _ in pairs:
+        image_index.setdefault(path, len(image_index))
+    missing = [path for path in image_index if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"{len(missing)} captioned image(s) not found: {name_examples(missing)}")
+    return list(image_index), [caption for _, caption in pairs], [image_index[path] for path, _ in pairs]
+
+
+class IndexedImages(Dataset):
+    """Image i is (transform(load(keys[i])), i). An unreadable one, where `load` returns
+    None (open_image does), is (None, i), which collate_readable leaves out: it is
+    skipped, not replaced. Files: IndexedImages(paths, open_image, transform)."""
+
+    def __init__(self, keys, load, transform):
+        self.keys, self.load, self.transform = keys, load, transform
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        image = self.load(self.keys[index])
+        return (None if image is None else self.transform(image)), index
+
+
+def collate_readable(batch):
+    """Batch of (image or None, index) -> (images of the readable ones, their indices)."""
+    readable = [(image, index) for image, index in batch if image is not None]
+    images = torch.stack([image for image, _ in readable]) if readable else None
+    return images, torch.tensor([index for _, index in readable], dtype=torch.long)
+
+
 # ----------------------------------------------------------------------------- training data
 # Every training sample is (image, tokens, skipped): `skipped` counts, by SKIP_REASONS, the
 # bad items passed over to produce it, so counts from any worker and rank add up in the
 # training loop while every batch keeps its size.
 
 SKIP_REASONS = ("bad_image", "bad_caption", "bad_shard")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def no_skips():
@@ -315,8 +387,8 @@ def ignore_interrupts(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, shuffle=False):
+def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, shuffle=False, collate_fn=None):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                       num_workers=workers, pin_memory=pin_memory, drop_last=sampler is not None,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      worker_init_fn=ignore_interrupts)
+                      worker_init_fn=ignore_interrupts, collate_fn=collate_fn)

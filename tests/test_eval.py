@@ -1,0 +1,257 @@
+"""eval.py: readers for image folders and caption files, the three tasks against
+independent brute-force versions, and the command line on a checkpoint of a short run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image, open_image,
+                  read_caption_table, read_image_folder)
+from eval import image_features, linear_probe, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+              "--embed-dim", "32", "--num-prototypes", "64", "--head-hidden-dim", "64"]
+
+
+def write_image(path, color, size=(12, 10)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def write_folder(root, corrupt=True):
+    """Two classes, five readable images, and (with `corrupt`) one broken .jpg."""
+    for i in range(2):
+        write_image(f"{root}/b_dog/{i}.png", (0, 0, 200 + i))
+    for i in range(3):
+        write_image(f"{root}/a_cat/{i}.jpg", (200 + i, 0, 0))
+    (root / "a_cat" / "notes.txt").write_text("not an image: ignored")
+    if corrupt:
+        (root / "b_dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def write_captions(root):
+    """Three images, one of them with two captions, as CSV and as JSONL."""
+    for i in range(3):
+        write_image(f"{root}/img/{i}.png", (60 * i, 0, 0))
+    rows = [("img/0.png", "a black square"), ("img/1.png", "a dark red square"),
+            ("img/0.png", "an unlit square"), ("img/2.png", "a red square")]
+    (root / "captions.csv").write_text("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    (root / "captions.jsonl").write_text("".join(json.dumps({"image": p, "text": c}) + "\n" for p, c in rows))
+    return rows
+
+
+class FakeImageModel(nn.Module):
+    """Mean color as the image embedding: enough to see which images were read."""
+
+    def embed_image(self, images):
+        return images.mean(dim=(2, 3))
+
+
+def test_image_folder_reads_classes_in_sorted_order_and_only_image_files(tmp_path):
+    write_folder(tmp_path)
+    classes, samples = read_image_folder(str(tmp_path))
+    assert classes == ["a_cat", "b_dog"]
+    assert samples == [(str(tmp_path / f"a_cat/{i}.jpg"), 0) for i in range(3)] + [
+        (str(tmp_path / "b_dog/0.png"), 1), (str(tmp_path / "b_dog/1.png"), 1), (str(tmp_path / "b_dog/broken.jpg"), 1)]
+
+
+def test_unreadable_image_is_skipped_not_replaced(tmp_path):
+    write_folder(tmp_path)
+    paths = [path for path, _ in read_image_folder(str(tmp_path))[1]]
+    features, indices = image_features(FakeImageModel(), IndexedImages(paths, open_image, EvalTransform(8)),
+                                       "cpu", batch_size=4)
+    assert indices.tolist() == [0, 1, 2, 3, 4]  # broken.jpg, the last, is gone
+    assert features.shape == (5, 3)
+    assert features[3, 2] > features[3, 0]  # a blue dog image, in its place
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_image_folder(str(tmp_path / "absent"))
+    write_folder(tmp_path)
+    os.makedirs(tmp_path / "c_empty")
+    with pytest.raises(DataError, match="1 class folder.* without images: c_empty"):
+        read_image_folder(str(tmp_path))
+
+
+def test_caption_files_group_several_captions_per_image(tmp_path):
+    rows = write_captions(tmp_path)
+    expected = ([str(tmp_path / f"img/{i}.png") for i in range(3)], [c for _, c in rows], [0, 1, 0, 2])
+    assert group_captions_by_image(read_caption_table(str(tmp_path / "captions.csv"))) == expected
+    assert group_captions_by_image(read_caption_table(str(tmp_path / "captions.jsonl"), "image", "text")) == expected
+
+
+def test_caption_file_naming_missing_images_is_an_error(tmp_path):
+    write_captions(tmp_path)
+    (tmp_path / "more.csv").write_text("filepath,title\nimg/0.png,ok\ngone/1.png,x\ngone/2.png,y\n")
+    with pytest.raises(DataError, match="2 captioned image.* not found: .*gone/1.png, .*gone/2.png"):
+        group_captions_by_image(read_caption_table(str(tmp_path / "more.csv")))
+
+
+def brute_force_recall(similarity, caption_image, k):
+    """Full sort of every row and column: the rank of the best own caption, of the own image."""
+    caption_image = torch.as_tensor(caption_image)
+    image_ranks = [(similarity[i] > similarity[i, caption_image == i].max()).sum().item()
+                   for i in range(similarity.shape[0])]
+    text_ranks = [(similarity[:, j] > similarity[caption_image[j], j]).sum().item()
+                  for j in range(similarity.shape[1])]
+    return (sum(r < k for r in image_ranks) / len(image_ranks), sum(r < k for r in text_ranks) / len(text_ranks))
+
+
+def test_retrieval_counts_an_image_correct_when_any_of_its_captions_ranks_first():
+    images = torch.eye(3)
+    # Image 0's captions are 0 and 1: caption 1 (its second) is its best match; caption 0
+    # is closer to image 1 than to image 0. Image 1's only caption 2 points at image 2.
+    captions = torch.tensor([[0.5, 0.8, 0.0], [0.9, 0.45, 0.0], [0.0, 0.3, 0.7], [0.1, 0.0, 0.9]])
+    recall = retrieval_recall(images, F.normalize(captions, dim=-1), [0, 0, 1, 2], recall_at=(1, 2))
+    assert recall["image_to_text/R@1"] == pytest.approx(2 / 3)  # images 0 and 2
+    assert recall["image_to_text/R@2"] == pytest.approx(2 / 3)  # image 1's caption ranks 3rd
+    assert recall["text_to_image/R@1"] == pytest.approx(2 / 4)  # captions 1 and 3
+    assert recall["text_to_image/R@2"] == pytest.approx(4 / 4)
+
+
+def test_blocked_retrieval_equals_brute_force_with_several_captions_per_image():
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(40, 8, generator=generator), dim=-1)
+    caption_image = torch.cat([torch.arange(40), torch.randint(0, 40, (60,), generator=generator)])
+    captions = F.normalize(images[caption_image] + 0.9 * torch.randn(100, 8, generator=generator), dim=-1)
+    recall = retrieval_recall(images, captions, caption_image, recall_at=(1, 5, 10), block_size=7)
+    for k in (1, 5, 10):
+        image_to_text, text_to_image = brute_force_recall(images @ captions.t(), caption_image, k)
+        assert recall[f"image_to_text/R@{k}"] == pytest.approx(image_to_text, abs=1e-7)
+        assert recall[f"text_to_image/R@{k}"] == pytest.approx(text_to_image, abs=1e-7)
+    assert 0 < recall["image_to_text/R@1"] < recall["image_to_text/R@10"] < 1
+
+
+class FakeTextModel(nn.Module):
+    """Looks each prompt up in a table, so the test knows every text embedding."""
+
+    def __init__(self, tokenizer, table):
+        super().__init__()
+        self.tokenizer, self.table = tokenizer, table
+
+    def embed_text(self, tokens):
+        return torch.stack([self.table[self.tokenizer.decode(row)] for row in tokens])
+
+
+def test_zero_shot_classifier_is_normalized_mean_of_normalized_template_embeddings():
+    tokenizer, generator = Tokenizer(16), torch.Generator().manual_seed(0)
+    classes, templates = ["cat", "dog", "fish"], ["a {}.", "a photo of a {}.", "{} art"]
+    # Not unit rows, so a classifier that skips the first normalization differs.
+    table = {t.replace("{}", c): torch.randn(4, generator=generator) * (1 + i) for c in classes
+             for i, t in enumerate(templates)}
+    classifier = zero_shot_classifier(FakeTextModel(tokenizer, table), tokenizer, classes, templates, "cpu")
+    for column, name in enumerate(classes):
+        prompts = torch.stack([F.normalize(table[t.replace("{}", name)], dim=0) for t in templates])
+        assert torch.allclose(classifier[:, column], F.normalize(prompts.mean(dim=0), dim=0), atol=1e-6)
+
+
+def test_zero_shot_accuracy_counts_top_k_and_each_class():
+    classifier = torch.eye(3)  # class c scores image feature c
+    images = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
+    labels = torch.tensor([0, 1, 1, 2])  # right, 2nd-ranked, right, 2nd-ranked
+    metrics = zero_shot_accuracy(images, labels, classifier, topk=(1, 2), class_keys=["a", "b", "c"])
+    assert metrics == {"top1": 0.5, "top2": 1.0, "class_top1/a": 1.0, "class_top1/b": 0.5, "class_top1/c": 0.0}
+
+
+def separable_features(n, generator):
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    return torch.randn(n, 16, generator=generator) + 4 * torch.eye(3, 16)[labels], labels
+
+
+def test_linear_probe_separates_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    probe = linear_probe(*separable_features(150, generator), *separable_features(150, generator),
+                         l2_grid=(1e-4, 1e-2, 1))
+    assert probe["top1"] >= 0.98
+    assert set(probe) == {"top1", "l2", "sweep/l2=0.0001/heldout_top1", "sweep/l2=0.01/heldout_top1",
+                          "sweep/l2=1/heldout_top1"}
+
+
+def test_linear_probe_stays_near_chance_on_shuffled_labels():
+    generator = torch.Generator().manual_seed(0)
+    train, test = separable_features(150, generator), separable_features(150, generator)
+    shuffle = lambda labels: labels[torch.randperm(len(labels), generator=generator)]
+    probe = linear_probe(train[0], shuffle(train[1]), test[0], shuffle(test[1]), l2_grid=(1e-4, 1e-2, 1))
+    assert probe["top1"] < 0.5  # chance: 1/3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("run")
+    result = subprocess.run([sys.executable, "train.py", *TINY_MODEL, "--steps", "3", "--batch-size", "8",
+                             "--val-samples", "16", "--workers", "0", "--out-dir", str(out_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out_dir / "final_metrics.json").read_text())
+    assert {"zeroshot/shape/top1", "retrieval/synthetic/text_to_image/R@10",
+            "linear_probe/synthetic_shape/top1"} <= set(metrics)  # train.py reports all three tasks
+    return str(out_dir / "ckpt.pt")
+
+
+def run_eval(*flags):
+    return subprocess.run([sys.executable, "eval.py", *flags, "--workers", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_zeroshot_on_a_folder_with_a_corrupt_image(checkpoint, tmp_path):
+    write_folder(tmp_path / "pets" / "val")
+    output = tmp_path / "zeroshot.json"
+    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "pets" / "val"),
+                      "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable image(s)" in result.stderr and "broken.jpg" in result.stderr
+    metrics = json.loads(output.read_text())
+    assert set(metrics) == {f"zeroshot/pets/{k}" for k in  # no top-5 of 2 classes
+                            ("top1", "class_top1/a_cat", "class_top1/b_dog", "images", "skipped_images")}
+    assert metrics["zeroshot/pets/images"] == 5 and metrics["zeroshot/pets/skipped_images"] == 1
+
+
+def test_cli_empty_class_folder_is_one_line_and_exit_code_2(checkpoint, tmp_path):
+    write_folder(tmp_path)
+    os.makedirs(tmp_path / "c_empty")
+    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path))
+    assert result.returncode == 2
+    assert "c_empty" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_retrieval_on_a_caption_file(checkpoint, tmp_path):
+    write_captions(tmp_path)
+    result = run_eval("retrieval", "--checkpoint", checkpoint, "--data", str(tmp_path / "captions.jsonl"),
+                      "--csv-img-key", "image", "--csv-caption-key", "text", "--output", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "r.json").read_text())
+    directions = ("image_to_text", "text_to_image")
+    assert {f"retrieval/captions/{d}/R@{k}" for d in directions for k in (1, 5, 10)} <= set(metrics)
+    assert metrics["retrieval/captions/captions"] == 4 and metrics["retrieval/captions/images"] == 3
+
+
+def test_cli_linear_probe_with_a_feature_cache(checkpoint, tmp_path):
+    for split in ("train", "test"):
+        write_folder(tmp_path / "pets" / split, corrupt=split == "test")
+    flags = ["linear-probe", "--checkpoint", checkpoint, "--train-data", str(tmp_path / "pets" / "train"),
+             "--test-data", str(tmp_path / "pets" / "test"), "--feature-cache", str(tmp_path / "cache"),
+             "--l2-grid", "0.1", "10", "--output", str(tmp_path / "p.json")]
+    for _ in range(2):  # the second run reads the cache
+        result = run_eval(*flags)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads((tmp_path / "p.json").read_text())
+        assert metrics["linear_probe/pets/skipped_images"] == 1 and metrics["linear_probe/pets/l2"] in (0.1, 10)
+    assert len(os.listdir(tmp_path / "cache")) == 4  # features and indices of each split
+
+
+def test_cli_without_a_task_evaluates_the_synthetic_val_data(checkpoint, tmp_path):
+    result = run_eval("--checkpoint", checkpoint, "--val-samples", "16", "--output", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "s.json").read_text())
+    assert {"zeroshot/color/top1", "retrieval/synthetic/image_to_text/R@1",
+            "linear_probe/synthetic_shape/top1"} <= set(metrics)

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream, Tokenizer,
-                  TrainTransform, expand_shards, make_loader)
+                  TrainTransform, expand_shards, make_loader, name_examples)
+from eval import print_table, synthetic_evaluation
 from losses import REGULARIZERS, Objective
 from model import OBJECTIVES, PRESETS, TwoTowerModel, config_fields, model_config
 from synthetic import SyntheticCaptions
@@ -190,14 +191,50 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
         shards = expand_shards(args.train_data)
         missing = [path for path in shards if not os.path.isfile(path)]
         if missing:
-            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing, e.g. "
-                            + ", ".join(missing[:3]))
+            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: {name_examples(missing)}")
         if not args.train_num_samples:
             raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
         epoch, position = divmod(start_sample, args.train_num_samples)
         dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed, args.shuffle_buffer,
                                  epoch, position / args.train_num_samples)
     return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())
+
+
+def build_model(args, device):
+    """Model, objective (with its state: centers) and optimizer for train.py's flags; the
+    same initial weights on every rank."""
+    torch.manual_seed(args.seed)
+    config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
+    model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
+    objective = Objective(args.loss, config.num_prototypes, args.student_temp, args.teacher_temp,
+                          args.me_max_weight, args.nclip_weight, args.regularizer,
+                          args.center_momentum, args.target_grad, args.local_loss).to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                                           torch.device(device).type)
+    return model, objective, optimizer
+
+
+def autocast_context(precision, device):
+    """bf16 autocast for --precision bf16, or auto on a GPU; plain fp32 otherwise."""
+    device_type = torch.device(device).type
+    use_bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    return torch.autocast(device_type, torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def train_step(model, train_model, objective, optimizer, images, tokens, autocast, grad_clip):
+    """Forward under autocast, loss, backward, clip, AdamW step, clamp the logit scale.
+    `train_model` is `model`, or its DDP and/or compiled wrapper. Nothing here waits for
+    the device: loss, metrics and grad norm stay tensors until the logging step reads them."""
+    with autocast:
+        loss, metrics = objective(train_model(images, tokens))
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.clamp_logit_scale()
+    return loss, metrics, grad_norm
 
 
 def save_checkpoint(path, model, objective, optimizer, step, args):
@@ -238,9 +275,8 @@ def reduce_metrics(metrics, world_size):
 
 
 def final_evaluation(model, tokenizer, args, device):
-    from eval import synthetic_zero_shot
-    return synthetic_zero_shot(model, tokenizer, model.config.image_size, args.val_samples,
-                               args.seed, args.synthetic_heldout_pairs, device)
+    """Zero-shot, retrieval and linear probe on the synthetic val data (eval.py)."""
+    return synthetic_evaluation(model, tokenizer, args.val_samples, args.seed, args.synthetic_heldout_pairs, device)
 
 
 stop_signal = None
@@ -257,17 +293,8 @@ def train(args):
     is_main = rank == 0
     if is_main:
         check_writable(args.out_dir)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    overrides = {f.name: getattr(args, f.name) for f in config_fields()}
-    config = model_config(args.model, **overrides)
-    model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
-    objective = Objective(args.loss, config.num_prototypes, args.student_temp, args.teacher_temp,
-                          args.me_max_weight, args.nclip_weight, args.regularizer,
-                          args.center_momentum, args.target_grad, args.local_loss).to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing()
-    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps,
-                                           torch.device(device).type)
+    model, objective, optimizer = build_model(args, device)
+    config = model.config
     start_step = load_checkpoint(args.resume, model, objective, optimizer) if args.resume else 0
     torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
     tokenizer = Tokenizer(config.context_length)
@@ -277,8 +304,7 @@ def train(args):
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda"))
-    autocast = torch.autocast(torch.device(device).type, torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_context(args.precision, device)
 
     log_path = os.path.join(args.out_dir, "log.jsonl")
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -295,13 +321,8 @@ def train(args):
         images, tokens, skipped_now = next(batches)
         skipped += skipped_now.sum(dim=0)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        with autocast:
-            loss, metrics = objective(train_model(images, tokens))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
+        loss, metrics, grad_norm = train_step(model, train_model, objective, optimizer, images, tokens,
+                                              autocast, args.grad_clip)
         bar.update(1)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             # The only host sync of the loop; it also agrees across ranks on stopping.
@@ -342,7 +363,6 @@ def train(args):
         with open(metrics_path, "w") as f:
             json.dump(metrics, f, indent=1)
         print(f"final metrics ({metrics_path}):")
-        from eval import print_table
         print_table(metrics)
     if world_size > 1:
         del train_model

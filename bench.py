@@ -1,0 +1,194 @@
+"""Time the training step of CLIP, nCLIP or xCLIP on synthetic tensors.
+
+    python bench.py                                        # xCLIP, tiny model, CPU
+    python bench.py --model vit_b16 --batch-size 256 --device cuda --precision bf16 --compile
+
+Takes train.py's flags (those about data, logging and checkpoints do nothing here) and
+times its step: forward under autocast, loss, backward, gradient clipping, AdamW step.
+Prints ms/step, samples/s, peak memory, model FLOPs per sample and MFU.
+
+    python bench.py --compare clip xclip open_clip         # interleaved, in one process
+
+--compare times several steps on the same batch, alternating one step of each, so a busy
+machine slows them all alike, and prints each one's speed against the first. `open_clip`
+is open_clip's own training step (its CLIP model at this architecture, its ClipLoss, its
+optimizer grouping); it needs `pip install open_clip_torch`, in a separate virtualenv: it
+is never a dependency of this project.
+"""
+import math
+import resource
+import statistics
+import time
+
+import torch
+
+from model import config_fields, model_config
+from train import autocast_context, build_model, build_parser, train_step
+
+# Dense bf16 tensor-core peaks from the data sheets (TFLOP/s). MFU is reported against
+# this peak whatever --precision is, as PaLM and nanoGPT do; a CPU or another GPU needs
+# --peak-tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse_args():
+    p = build_parser()
+    p.description = "Time train.py's training step on synthetic tensors."
+    p.set_defaults(steps=20, batch_size=64)
+    p.add_argument("--warmup-steps", type=int, default=5,
+                   help="untimed steps first (compilation, allocator and cache warm-up)")
+    p.add_argument("--compare", nargs="+", choices=("clip", "nclip", "xclip", "open_clip"), default=None,
+                   help="time these steps in one run, interleaved, against the first (replaces --loss)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for MFU; default: the table in bench.py for known GPUs")
+    return p.parse_args()
+
+
+def flops_per_sample(c, objective, batch_size):
+    """Model FLOPs of one sample's training step, counted as PaLM and nanoGPT do: 2 per
+    multiply-add of each weight matrix, times the tokens it sees (both towers, the
+    projections and the prototype heads), plus attention's QK^T and AV, 4 T^2 D per layer
+    and sequence, causal or not. Backward costs twice the forward, so a step is 3x it.
+    Not counted: embedding lookups, norms, softmaxes, the optimizer. This is what
+    torch.utils.flop_counter counts for the step (tests/test_bench.py checks it)."""
+    def tower(width, layers, tokens):
+        weights = (4 + 2 * c.mlp_ratio) * width ** 2  # qkv 3D^2, out D^2, MLP 2 r D^2
+        return layers * (2 * weights * tokens + 4 * tokens ** 2 * width)
+
+    patches = (c.image_size // c.patch_size) ** 2
+    patch_projection = 2 * 3 * c.patch_size ** 2 * c.vision_width * patches
+    forward = (patch_projection + tower(c.vision_width, c.vision_layers, patches + 1)
+               + tower(c.text_width, c.text_layers, c.context_length))
+    if objective in ("clip", "xclip"):  # projections, then this sample's row of logits
+        forward += 2 * (c.vision_width + c.text_width) * c.embed_dim + 2 * batch_size * c.embed_dim
+    if objective in ("nclip", "xclip"):
+        head = [c.head_hidden_dim] * (c.head_layers - 1) + [c.head_bottleneck_dim, c.num_prototypes]
+        for dims in ([c.vision_width] + head, [c.text_width] + head):
+            forward += 2 * sum(a * b for a, b in zip(dims, dims[1:]))
+    return 3 * forward - patch_projection  # pixels need no gradient: one backward matmul there
+
+
+def synthetic_batch(c, batch_size, device):
+    """Random images, and random captions that end in the end-of-text token and pad with 0."""
+    images = torch.randn(batch_size, 3, c.image_size, c.image_size, device=device)
+    tokens = torch.randint(1, c.eot_token_id, (batch_size, c.context_length), device=device)
+    lengths = torch.randint(1, c.context_length, (batch_size, 1), device=device)
+    positions = torch.arange(c.context_length, device=device)
+    tokens = tokens.masked_fill(positions > lengths, 0).masked_fill(positions == lengths, c.eot_token_id)
+    return images, tokens
+
+
+def peak_memory_text(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated by torch"
+    # Linux reports kilobytes: the whole process, Python and libraries included.
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process)"
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((peak for gpu, peak in PEAK_TFLOPS.items() if gpu in name), None)
+
+
+def open_clip_step(args, config, device, autocast):
+    """open_clip's training step on our architecture: its CLIP with the same widths,
+    depths, heads, patch and context, its ClipLoss, AdamW without decay on gains, biases
+    and the logit scale (as its main.py groups them), gradient clipping, and the logit
+    scale clamped at 100 afterwards (as its train.py does)."""
+    import open_clip
+    c = config
+    vision = open_clip.model.CLIPVisionCfg(layers=c.vision_layers, width=c.vision_width, mlp_ratio=c.mlp_ratio,
+                                           head_width=c.vision_width // c.vision_heads,
+                                           patch_size=c.patch_size, image_size=c.image_size)
+    text = open_clip.model.CLIPTextCfg(context_length=c.context_length, vocab_size=c.vocab_size,
+                                       width=c.text_width, heads=c.text_heads, layers=c.text_layers,
+                                       mlp_ratio=c.mlp_ratio)
+    torch.manual_seed(args.seed)
+    model = open_clip.CLIP(c.embed_dim, vision, text).to(device)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": args.wd}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    train_model = torch.compile(model) if args.compile else model
+    loss_fn = open_clip.ClipLoss()
+
+    def step(images, tokens):
+        with autocast:
+            loss = loss_fn(*train_model(images, tokens))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def our_step(args, loss, device, autocast):
+    args.loss = loss
+    model, objective, optimizer = build_model(args, device)
+    train_model = torch.compile(model) if args.compile else model
+    step = lambda images, tokens: train_step(model, train_model, objective, optimizer, images, tokens,
+                                            autocast, args.grad_clip)
+    return step, model.num_params()
+
+
+def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
+    """Warm each step up, then time one step of each in turn. -> seconds of each step."""
+    for step in steps:
+        for _ in range(warmup_steps):
+            step(*batch)
+    sync()
+    seconds = [[] for _ in steps]
+    for _ in range(timed_steps):
+        for step, times in zip(steps, seconds):
+            started = time.perf_counter()
+            step(*batch)
+            sync()
+            times.append(time.perf_counter() - started)
+    return seconds
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = autocast_context(args.precision, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
+    names = args.compare or [args.loss]
+    steps, params = {}, {}
+    for name in names:
+        if name == "open_clip":
+            steps[name], params[name] = open_clip_step(args, config, device, autocast)
+        else:
+            steps[name], params[name] = our_step(args, name, device, autocast)
+    batch = synthetic_batch(config, args.batch_size, device)
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = dict(zip(names, time_interleaved([steps[n] for n in names], batch, args.warmup_steps, args.steps, sync)))
+    print(f"{args.model} | batch {args.batch_size} | {device} | "
+          f"{'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}{' | compiled' if args.compile else ''} | "
+          f"median of {args.steps} steps after {args.warmup_steps} warm-up, {time.perf_counter() - started:.0f} s in all")
+    peak = peak_tflops(args, device)
+    first = statistics.median(seconds[names[0]])
+    for name in names:
+        median = statistics.median(seconds[name])
+        print(f"{name}: {params[name] / 1e6:.2f}M parameters | ms/step: {1000 * median:.1f} "
+              f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {args.batch_size / median:.1f}"
+              + (f" | {first / median:.2f}x the speed of {names[0]}" if name != names[0] else ""))
+        if name != "open_clip":
+            flops = flops_per_sample(config, name, args.batch_size)
+            achieved = flops * args.batch_size / median / 1e12
+            print(f"  model FLOPs/sample: {flops / 1e9:.3f} GFLOP (forward + backward) | " +
+                  (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
+                   f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "
+                   f"{achieved:.3f} TFLOP/s achieved"))
+    print(f"peak memory: {peak_memory_text(device)}" + (" (all steps together)" if len(names) > 1 else ""))
+
+
+if __name__ == "__main__":
+    main()

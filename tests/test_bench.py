@@ -1,0 +1,84 @@
+"""bench.py as a user runs it, and the FLOP count its MFU rests on."""
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import flops_per_sample, synthetic_batch
+from losses import Objective
+from model import OBJECTIVES, TwoTowerModel, model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*flags):
+    return subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bench_prints_its_figures_on_cpu():
+    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1", "--steps", "2",
+                       "--vision-layers", "1", "--text-layers", "1")
+    assert result.returncode == 0, result.stderr
+    for figure in ("ms/step:", "samples/s:", "peak memory:", "model FLOPs/sample:", "MFU: not reported"):
+        assert figure in result.stdout
+
+
+def test_bench_reports_mfu_against_a_given_peak():
+    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1", "--steps", "1",
+                       "--vision-layers", "1", "--text-layers", "1", "--peak-tflops", "1")
+    assert result.returncode == 0, result.stderr
+    assert "% of 1 TFLOP/s" in result.stdout
+
+
+def test_bad_flag_is_one_line_and_exit_code_2():
+    result = run_bench("--precision", "fp8")
+    assert result.returncode == 2
+    assert "invalid choice: 'fp8'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_flop_count_matches_torch_flop_counter(objective):
+    config, batch_size = model_config("tiny", vision_layers=2, text_layers=2), 4
+    model, loss_fn = TwoTowerModel(config, objective), Objective(objective, config.num_prototypes)
+    images, tokens = synthetic_batch(config, batch_size, "cpu")
+    counter = FlopCounterMode(display=False)
+    # The math backend spells attention out in matmuls, which the counter sees.
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = loss_fn(model(images, tokens))
+        loss.backward()
+    assert counter.get_total_flops() == flops_per_sample(config, objective, batch_size) * batch_size
+
+
+def test_synthetic_captions_end_in_one_end_of_text_token_then_padding():
+    config = model_config("tiny")
+    _, tokens = synthetic_batch(config, 16, "cpu")
+    is_eot = tokens == config.eot_token_id
+    assert torch.equal(is_eot.sum(dim=1), torch.ones(16, dtype=torch.long))
+    after_eot = is_eot.int().cumsum(dim=1).bool() & ~is_eot
+    assert torch.all(tokens[after_eot] == 0) and torch.all(tokens[~is_eot & ~after_eot] > 0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_compiled_step_has_one_graph_and_no_recompiles(objective):
+    """What --compile compiles: the model, in one graph (fullgraph raises at a graph break),
+    that later steps reuse (error_on_recompile raises at a recompile). The eager backend
+    traces exactly as inductor does, without generating code."""
+    import torch._dynamo
+    from train import train_step
+    config = model_config("tiny", vision_layers=1, text_layers=1)
+    model, loss_fn = TwoTowerModel(config, objective), Objective(objective, config.num_prototypes)
+    optimizer = model.configure_optimizers(1e-3, 0.1, (0.9, 0.98), 1e-6, "cpu")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            images, tokens = synthetic_batch(config, 4, "cpu")
+            loss, _, _ = train_step(model, compiled, loss_fn, optimizer, images, tokens, nullcontext(), 1.0)
+    assert torch.isfinite(loss)

@@ -21,9 +21,12 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
+from data import SKIP_REASONS, Tokenizer
+from eval import retrieval_recall
 from model import config_fields, model_config
-from train import autocast_context, build_model, build_parser, train_step
+from train import autocast_context, build_model, build_parser, build_train_loader, train_step
 
 # Dense bf16 tensor-core peaks from the data sheets (TFLOP/s). MFU is reported against
 # this peak whatever --precision is, as PaLM and nanoGPT do; a CPU or another GPU needs
@@ -39,6 +42,10 @@ def parse_args():
                    help="untimed steps first (compilation, allocator and cache warm-up)")
     p.add_argument("--compare", nargs="+", choices=("clip", "nclip", "xclip", "open_clip"), default=None,
                    help="time these steps in one run, interleaved, against the first (replaces --loss)")
+    p.add_argument("--loader", action="store_true",
+                   help="time train.py's data loader for --train-data instead (decode, augment, tokenize)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's size) instead")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for MFU; default: the table in bench.py for known GPUs")
     return p.parse_args()
@@ -152,12 +159,45 @@ def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
     return seconds
 
 
+def time_loader(args, config):
+    """Images/s of train.py's loader on --train-data with --workers processes: decoding,
+    random resized crop, normalization, tokenization and collation, what a GPU waits for."""
+    loader = build_train_loader(args, config.image_size, Tokenizer(config.context_length), 0, 1, 0)
+    batches = iter(loader)
+    for _ in range(args.warmup_steps):  # worker start-up and prefetch
+        next(batches)
+    started = time.perf_counter()
+    skipped = sum(next(batches)[2].sum(dim=0) for _ in range(args.steps))
+    seconds = time.perf_counter() - started
+    print(f"loader | {args.train_data} | {config.image_size} px | batch {args.batch_size} | "
+          f"{args.workers} worker(s) | {args.steps} batches after {args.warmup_steps} warm-up")
+    print(f"images/s: {args.steps * args.batch_size / seconds:.0f} | skipped: "
+          + ", ".join(f"{reason} {int(n)}" for reason, n in zip(SKIP_REASONS, skipped)))
+
+
+def time_retrieval(config, trials=3):
+    """Seconds of eval.py's blocked Recall@K for 5,000 images x 25,000 captions, 5 per
+    image, unit embeddings of --embed-dim: the similarity matrix is never held whole."""
+    images = F.normalize(torch.randn(5000, config.embed_dim), dim=-1)
+    caption_image = torch.arange(5000).repeat_interleave(5)
+    captions = F.normalize(images[caption_image] + torch.randn(25000, config.embed_dim) / 2, dim=-1)
+    for trial in range(trials):
+        started = time.perf_counter()
+        recall = retrieval_recall(images, captions, caption_image)
+        print(f"retrieval 5000 x 25000, {config.embed_dim}-d, {torch.get_num_threads()} threads: "
+              f"{time.perf_counter() - started:.2f} s (image_to_text/R@1 {recall['image_to_text/R@1']:.3f})")
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast = autocast_context(args.precision, device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
+    if args.loader:
+        return time_loader(args, config)
+    if args.retrieval:
+        return time_retrieval(config)
     names = args.compare or [args.loss]
     steps, params = {}, {}
     for name in names:

@@ -176,7 +176,8 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
     """The training loader for train.py's flags (`args`): the built-in synthetic data,
     a CSV/TSV/JSONL caption table, or webdataset tar shards; from global sample
     `start_sample` on, for a resumed run."""
-    transform = TrainTransform(image_size, scale=(args.min_crop_scale, 1.0))
+    min_crop_scale = args.min_crop_scale or (0.8 if args.train_data == "synthetic" else 0.5)
+    transform = TrainTransform(image_size, scale=(min_crop_scale, 1.0))
     sampler = None
     if args.train_data == "synthetic":
         dataset = SyntheticCaptions(
@@ -372,8 +373,6 @@ def train(args):
 
 def main():
     args = build_parser().parse_args()
-    if args.min_crop_scale is None:
-        args.min_crop_scale = 0.8 if args.train_data == "synthetic" else 0.5
     if args.resume and not os.path.isfile(args.resume):
         fail(f"--resume {args.resume}: no such checkpoint")
     signal.signal(signal.SIGINT, request_stop)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image, open_image,
                   read_caption_table, read_image_folder)
-from eval import image_features, linear_probe, retrieval_recall, zero_shot_accuracy, zero_shot_classifier
+from eval import (fit_logistic_regression, image_features, linear_probe, retrieval_recall, zero_shot_accuracy,
+                  zero_shot_classifier)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
@@ -182,6 +183,37 @@ def test_linear_probe_stays_near_chance_on_shuffled_labels():
     shuffle = lambda labels: labels[torch.randperm(len(labels), generator=generator)]
     probe = linear_probe(train[0], shuffle(train[1]), test[0], shuffle(test[1]), l2_grid=(1e-4, 1e-2, 1))
     assert probe["top1"] < 0.5  # chance: 1/3
+
+
+def overlapping_blobs(n, generator, classes=5, dim=20):
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1)).double()
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return centers[labels] + 1.5 * torch.randn(n, dim, generator=generator, dtype=torch.float64), labels
+
+
+def test_logistic_regression_is_fit_to_convergence():
+    """At the optimum of mean CE + l2/2 ||W||^2, the gradient vanishes."""
+    features, labels = overlapping_blobs(400, torch.Generator().manual_seed(0))
+    weight, bias = fit_logistic_regression(features, labels, 5, l2=1e-2)
+    weight.requires_grad_(), bias.requires_grad_()
+    objective = F.cross_entropy(features @ weight + bias, labels) + 1e-2 / 2 * weight.pow(2).sum()
+    gradients = torch.autograd.grad(objective, (weight, bias))
+    assert max(g.abs().max().item() for g in gradients) < 1e-5
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-2, 1.0])
+def test_logistic_regression_matches_scikit_learn(l2):
+    """The reference check of issue 3, run where scikit-learn is installed (it is not a
+    dependency): /tmp/sk-venv/bin/python -m pytest tests/test_eval.py -k scikit"""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    generator = torch.Generator().manual_seed(0)
+    (train_x, train_y), (test_x, test_y) = overlapping_blobs(600, generator), overlapping_blobs(600, generator)
+    weight, bias = fit_logistic_regression(train_x, train_y, 5, l2)
+    reference = sklearn.LogisticRegression(C=1 / (l2 * len(train_y)), tol=1e-10, max_iter=10_000)
+    reference.fit(train_x.numpy(), train_y.numpy())
+    assert torch.allclose(weight.t(), torch.from_numpy(reference.coef_), atol=1e-3)
+    ours, theirs = (test_x @ weight + bias).argmax(1).numpy(), reference.predict(test_x.numpy())
+    assert (ours == test_y.numpy()).mean() == pytest.approx((theirs == test_y.numpy()).mean(), abs=0.01)
 
 
 @pytest.fixture(scope="module")

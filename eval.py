@@ -303,8 +303,9 @@ def print_table(metrics, file=sys.stdout):
     """One line per metric; per-class accuracies only go to the JSON."""
     shown = {k: v for k, v in metrics.items() if "/class_top1/" not in k}
     width = max(len(k) for k in shown)
-    for key, value in shown.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}", file=file)
+    for key, value in shown.items():  # an L2 strength in its own scale, accuracies to 4 places
+        text = f"{value:.4f}" if isinstance(value, float) and not key.endswith("/l2") else f"{value:g}"
+        print(f"{key:<{width}}  {text}", file=file)
     if len(shown) < len(metrics):
         print(f"(and {len(metrics) - len(shown)} per-class top-1 accuracies in the JSON)", file=file)
 

@@ -211,3 +211,41 @@ class SyntheticCaptions(Dataset):
         image = self.transform(self.image(index), self.rng(index, stream=4))
         caption = self.caption(index)
         return image, (self.tokenizer([caption])[0] if self.tokenizer else caption), no_skips()
+
+
+def export(out_dir, num_images=500, seed=0, image_size=48, num_heldout_pairs=4):
+    """Write the synthetic data in the formats eval.py reads from disk, to try its
+    commands without downloading anything: single-object images as ImageNet-style class
+    folders by shape (OUT/train, OUT/val), and the val images with several exact
+    captions each as a CSV (OUT/captions.csv, open_clip's filepath/title columns)."""
+    import csv
+    import os
+    for split in SPLIT_IDS:
+        scenes = SyntheticCaptions(split, num_images, seed, image_size, num_heldout_pairs=num_heldout_pairs,
+                                   loose_fraction=0.0, unrelated_fraction=0.0, two_object_fraction=0.0)
+        for shape in SHAPES:
+            os.makedirs(os.path.join(out_dir, split, shape), exist_ok=True)
+        for index in range(num_images):
+            scenes.image(index).save(os.path.join(out_dir, split, scenes.scene(index)[0][0].shape, f"{index:05d}.png"))
+    with open(os.path.join(out_dir, "captions.csv"), "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["filepath", "title"])
+        scenes = SyntheticCaptions("val", num_images, seed, image_size, num_heldout_pairs=num_heldout_pairs,
+                                   loose_fraction=0.0, unrelated_fraction=0.0, two_object_fraction=0.0)
+        for index in range(num_images):
+            path = os.path.join("val", scenes.scene(index)[0][0].shape, f"{index:05d}.png")
+            # three captions per image, drawn with other streams of the same scene
+            for stream in (1, 5, 6):
+                rows.writerow([path, describe(*scenes.scene(index), scenes.rng(index, stream))])
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=export.__doc__)
+    parser.add_argument("out_dir", help="folder to write")
+    parser.add_argument("--num-images", type=int, default=500, help="images per split")
+    parser.add_argument("--seed", type=int, default=0, help="the seed train.py used (--seed)")
+    parser.add_argument("--image-size", type=int, default=48, help="image side in pixels")
+    args = parser.parse_args()
+    export(args.out_dir, args.num_images, args.seed, args.image_size)
+    print(f"wrote {args.out_dir}/train, {args.out_dir}/val (class folders by shape) and {args.out_dir}/captions.csv")

@@ -354,7 +354,7 @@ def train(args):
     bar.close()
     if is_main:
         save_checkpoint(checkpoint_path, model, objective, optimizer, args.steps, args)
-        metrics = {k: v for k, v in logged.items() if k.startswith("skipped/")}
+        metrics = {k: int(v) for k, v in logged.items() if k.startswith("skipped/")}
         print("bad samples skipped: " + ", ".join(f"{k.split('/')[1]} {v:.0f}" for k, v in metrics.items()))
         if args.train_data == "synthetic":
             metrics.update(final_evaluation(model, tokenizer, args, device))

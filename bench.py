@@ -212,7 +212,8 @@ def main():
     seconds = dict(zip(names, time_interleaved([steps[n] for n in names], batch, args.warmup_steps, args.steps, sync)))
     print(f"{args.model} | batch {args.batch_size} | {device} | "
           f"{'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}{' | compiled' if args.compile else ''} | "
-          f"median of {args.steps} steps after {args.warmup_steps} warm-up, {time.perf_counter() - started:.0f} s in all")
+          f"median of {args.steps} steps after {args.warmup_steps} warm-up, "
+          f"{time.perf_counter() - started:.0f} s in all")
     peak = peak_tflops(args, device)
     first = statistics.median(seconds[names[0]])
     for name in names:

@@ -108,7 +108,8 @@ def build_parser():
                       help="samples in one epoch of tar shards (needed for them; sets where --resume restarts)")
     data.add_argument("--csv-img-key", default="filepath", help="caption table column with the image path")
     data.add_argument("--csv-caption-key", default="title", help="caption table column with the caption")
-    data.add_argument("--csv-separator", default=None, help="caption table separator (default: tab for .tsv, else comma)")
+    data.add_argument("--csv-separator", default=None,
+                      help="caption table separator (default: tab for .tsv, else comma)")
     data.add_argument("--shuffle-buffer", type=positive_int, default=1000,
                       help="tar shards: samples held per loader worker to shuffle within")
     data.add_argument("--synthetic-loose-fraction", type=fraction, default=0.15,
@@ -330,7 +331,8 @@ def train(args):
             logged = reduce_metrics({"loss": loss.detach(), "grad_norm": grad_norm, **metrics,
                                      "stop": torch.tensor(float(stop_signal is not None), device=device),
                                      # summed over ranks, as a mean times the number of ranks
-                                     **{f"skipped/{r}": n.to(device) * world_size for r, n in zip(SKIP_REASONS, skipped)}},
+                                     **{f"skipped/{r}": n.to(device) * world_size
+                                        for r, n in zip(SKIP_REASONS, skipped)}},
                                     world_size)
             now = time.time()
             logged.update(step=step + 1, lr=lr, samples_per_second=args.log_every * args.batch_size

@@ -109,7 +109,8 @@ def test_caption_tables_read_back_exactly_what_was_written(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"filepath": "y.jpg", "title": "third"}\n\n')
     assert read_caption_table(str(tmp_path / "a.csv")) == [
         (str(tmp_path / "img/1.jpg"), "a red, round thing"), (str(tmp_path / "img/2.jpg"), "")]
-    assert read_caption_table(str(tmp_path / "b.tsv"), "path", "caption") == [(str(tmp_path / "x.png"), "second caption")]
+    assert read_caption_table(str(tmp_path / "b.tsv"), "path", "caption") == [
+        (str(tmp_path / "x.png"), "second caption")]
     assert read_caption_table(str(tmp_path / "c.jsonl")) == [(str(tmp_path / "y.jpg"), "third")]
 
 

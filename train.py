@@ -213,8 +213,7 @@ def build_model(args, device):
                           args.center_momentum, args.target_grad, args.local_loss).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
-    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps,
-                                           torch.device(device).type)
+    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
     return model, objective, optimizer
 
 

@@ -74,7 +74,7 @@ def test_compiled_step_has_one_graph_and_no_recompiles(objective):
     from train import train_step
     config = model_config("tiny", vision_layers=1, text_layers=1)
     model, loss_fn = TwoTowerModel(config, objective), Objective(objective, config.num_prototypes)
-    optimizer = model.configure_optimizers(1e-3, 0.1, (0.9, 0.98), 1e-6, "cpu")
+    optimizer = model.configure_optimizers(1e-3, 0.1, (0.9, 0.98), 1e-6)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -96,7 +96,7 @@ def test_nclip_zero_shot_embedding_is_the_root_of_the_prototype_distribution():
 
 def test_weight_decay_applies_to_weight_matrices_only():
     model = small_model()
-    optimizer = model.configure_optimizers(1e-3, 0.2, (0.9, 0.98), 1e-6, "cpu")
+    optimizer = model.configure_optimizers(1e-3, 0.2, (0.9, 0.98), 1e-6)
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decayed}
     assert "visual.transformer.blocks.0.attn.qkv.weight" in names

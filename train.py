@@ -275,11 +275,6 @@ def reduce_metrics(metrics, world_size):
     return dict(zip(metrics, values.tolist()))
 
 
-def final_evaluation(model, tokenizer, args, device):
-    """Zero-shot, retrieval and linear probe on the synthetic val data (eval.py)."""
-    return synthetic_evaluation(model, tokenizer, args.val_samples, args.seed, args.synthetic_heldout_pairs, device)
-
-
 stop_signal = None
 
 
@@ -358,7 +353,8 @@ def train(args):
         metrics = {k: int(v) for k, v in logged.items() if k.startswith("skipped/")}
         print("bad samples skipped: " + ", ".join(f"{k.split('/')[1]} {v:.0f}" for k, v in metrics.items()))
         if args.train_data == "synthetic":
-            metrics.update(final_evaluation(model, tokenizer, args, device))
+            metrics.update(synthetic_evaluation(model, tokenizer, args.val_samples, args.seed,
+                                                args.synthetic_heldout_pairs, device))  # all three tasks
         else:
             print(f"evaluate on your own data with: python eval.py --checkpoint {checkpoint_path} ...")
         metrics_path = os.path.join(args.out_dir, "final_metrics.json")

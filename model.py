@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from distributed import global_mean
+
 OBJECTIVES = ("clip", "nclip", "xclip")
 
 
@@ -38,6 +40,8 @@ class ModelConfig:
     head_hidden_dim: int = _field(2048, "nCLIP head MLP hidden width")
     head_bottleneck_dim: int = _field(256, "nCLIP head bottleneck before the prototypes")
     head_layers: int = _field(3, "nCLIP head MLP layers")
+    center_prototype_logits: bool = _field(
+        True, "subtract each prototype logit's batch mean before the softmaxes (see PrototypeHead)")
     eot_token_id: int = _field(100257, "end-of-text token, where the text tower pools")
 
 
@@ -45,7 +49,7 @@ PRESETS = {
     # Seconds per step on a laptop CPU; what the default job and the tests train.
     "tiny": dict(image_size=48, patch_size=8, vision_width=128, vision_layers=4,
                  vision_heads=4, context_length=24, text_width=128, text_layers=4,
-                 text_heads=4, embed_dim=128, num_prototypes=512, head_hidden_dim=512,
+                 text_heads=4, embed_dim=128, num_prototypes=64, head_hidden_dim=512,
                  head_bottleneck_dim=128),
     "vit_s16": dict(vision_width=384, vision_heads=6, text_width=384, text_heads=6,
                     embed_dim=384),
@@ -165,9 +169,17 @@ class PrototypeHead(nn.Module):
     """nCLIP head h (DINO-style): MLP to a bottleneck, L2-normalize, then a
     weight-normalized linear layer without bias onto K prototypes. The prototype
     norms are fixed at 1 (DINO's norm_last_layer), so a logit is the cosine between
-    the bottleneck feature and a prototype, in [-1, 1]."""
+    the bottleneck feature and a prototype, in [-1, 1].
 
-    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, layers):
+    With `center_logits`, each prototype's logit has its mean over the global batch
+    subtracted (mean-only batch normalization, Salimans & Kingma 2016; DINO's centering,
+    here on predictions and targets alike and with the current batch's mean). Without it,
+    the component every sample shares dominates the logits at initialization, every
+    sharpened target picks the same prototypes, and nCLIP collapses (README, "nCLIP").
+    Evaluation subtracts a running mean instead, as BatchNorm does."""
+
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, layers,
+                 center_logits=True, center_momentum=0.9):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         mlp = []
@@ -177,10 +189,31 @@ class PrototypeHead(nn.Module):
                 mlp.append(nn.GELU())
         self.mlp = nn.Sequential(*mlp)
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, bottleneck_dim))
+        self.center_logits, self.center_momentum = center_logits, center_momentum
+        if center_logits:
+            self.register_buffer("running_center", torch.zeros(num_prototypes))
 
-    def forward(self, features):  # (B, in_dim) -> (B, K)
+    def forward(self, features):  # (B, in_dim) -> bottleneck (B, bottleneck_dim), logits (B, K)
         bottleneck = F.normalize(self.mlp(features), dim=-1)
-        return bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+        logits = bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+        if not self.center_logits:
+            return bottleneck, logits
+        if self.training:
+            center = global_mean(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            with torch.no_grad():
+                self.running_center.lerp_(center.to(self.running_center.dtype), 1 - self.center_momentum)
+        else:
+            center = self.running_center
+        return bottleneck, logits - center
+
+    @torch.no_grad()
+    def parameter_norms(self):
+        """Norms of the MLP's weight matrices and of its biases: a head that collapses
+        through its biases shows a growing bias norm."""
+        linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+        weight_norm = torch.stack([layer.weight.norm() for layer in linears]).norm()
+        bias_norm = torch.stack([layer.bias.norm() for layer in linears]).norm()
+        return weight_norm, bias_norm
 
 
 @dataclass
@@ -190,13 +223,15 @@ class TwoTowerOutput:
     logit_scale: torch.Tensor = None              # scalar s = exp(t)
     image_prototype_logits: torch.Tensor = None   # (B, K): h_v(f_v)
     text_prototype_logits: torch.Tensor = None    # (B, K): h_t(f_t)
+    image_bottleneck: torch.Tensor = None         # (B, bottleneck), unit norm: for the monitors
+    text_bottleneck: torch.Tensor = None
 
 
 class TwoTowerModel(nn.Module):
     """The objective decides what is built: `clip` has projections and a logit scale,
     `nclip` has prototype heads, `xclip` has both, on the same two towers."""
 
-    def __init__(self, config: ModelConfig, objective="xclip", student_temp=0.1):
+    def __init__(self, config: ModelConfig, objective="xclip", student_temp=0.05):
         super().__init__()
         assert objective in OBJECTIVES, objective
         self.config, self.objective, self.student_temp = config, objective, student_temp
@@ -211,7 +246,8 @@ class TwoTowerModel(nn.Module):
         if self.has_prototypes:
             head = dict(hidden_dim=config.head_hidden_dim, layers=config.head_layers,
                         bottleneck_dim=config.head_bottleneck_dim,
-                        num_prototypes=config.num_prototypes)
+                        num_prototypes=config.num_prototypes,
+                        center_logits=config.center_prototype_logits)
             self.image_head = PrototypeHead(config.vision_width, **head)
             self.text_head = PrototypeHead(config.text_width, **head)
         self._init_weights()
@@ -253,14 +289,14 @@ class TwoTowerModel(nn.Module):
         features = self.encode_image(images)
         if self.has_clip:
             return F.normalize(self.image_projection(features), dim=-1)
-        return self.prototype_embedding(self.image_head(features))
+        return self.prototype_embedding(self.image_head(features)[1])
 
     def embed_text(self, tokens):
         """Unit-norm text embedding: w = normalize(W_t f_t), or sqrt(p_t) for nCLIP."""
         features = self.encode_text(tokens)
         if self.has_clip:
             return F.normalize(self.text_projection(features), dim=-1)
-        return self.prototype_embedding(self.text_head(features))
+        return self.prototype_embedding(self.text_head(features)[1])
 
     def prototype_embedding(self, prototype_logits):
         """nCLIP has no joint space but the prototypes: embed a sample as the square
@@ -276,15 +312,26 @@ class TwoTowerModel(nn.Module):
             out.text_embeddings = F.normalize(self.text_projection(text_features), dim=-1)
             out.logit_scale = self.logit_scale.exp()
         if self.has_prototypes:
-            out.image_prototype_logits = self.image_head(image_features)
-            out.text_prototype_logits = self.text_head(text_features)
+            out.image_bottleneck, out.image_prototype_logits = self.image_head(image_features)
+            out.text_bottleneck, out.text_prototype_logits = self.text_head(text_features)
         return out
+
+    @torch.no_grad()
+    def head_norms(self):
+        """Weight and bias norms of each prototype head's MLP, for the collapse monitors."""
+        norms = {}
+        if self.has_prototypes:
+            for modality, head in (("image", self.image_head), ("text", self.text_head)):
+                weight_norm, bias_norm = head.parameter_norms()
+                norms[f"nclip/{modality}_head_weight_norm"] = weight_norm
+                norms[f"nclip/{modality}_head_bias_norm"] = bias_norm
+        return norms
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
         """The model train.py saved, weights loaded, on the CPU."""
         model = cls(ModelConfig(**checkpoint["model_config"]), checkpoint["objective"],
-                    checkpoint["args"].get("student_temp", 0.1))
+                    checkpoint["args"].get("student_temp", 0.05))
         model.load_state_dict(checkpoint["model"])
         return model
 

@@ -49,8 +49,15 @@ def positive_int(text):
 
 def non_negative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -69,8 +76,12 @@ def build_parser():
                    help="architecture preset; tiny runs on a CPU, vit_b16 is the paper's")
     model_flags = p.add_argument_group("model fields (override the preset)")
     for f in config_fields():
-        model_flags.add_argument("--" + f.name.replace("_", "-"), type=positive_int, default=None,
-                                 help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                     help=f.metadata["help"] + f" (default: {f.default})")
+        else:
+            model_flags.add_argument(flag, type=positive_int, default=None, help=f.metadata["help"])
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per process; the global batch is this times the number of processes")
     p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps")
@@ -85,12 +96,17 @@ def build_parser():
     objective = p.add_argument_group("objective")
     objective.add_argument("--nclip-weight", type=non_negative_float, default=1.0,
                            help="lambda_n in L_xCLIP = L_CLIP + lambda_n L_nCLIP")
-    objective.add_argument("--me-max-weight", type=non_negative_float, default=1.0,
-                           help="lambda_me in L_nCLIP = L_pred + lambda_me L_me")
-    objective.add_argument("--student-temp", type=non_negative_float, default=0.1,
-                           help="tau_s, temperature of the predictions p")
-    objective.add_argument("--teacher-temp", type=non_negative_float, default=0.04,
-                           help="tau_t, temperature of the targets q; below tau_s it sharpens them")
+    objective.add_argument("--me-max-weight", type=non_negative_float, default=3.0,
+                           help="lambda_me in L_nCLIP = L_pred + lambda_me L_me + lambda_ent L_ent "
+                                "(METHOD.md's choice is 1; 3 balances --entropy-weight, see README)")
+    objective.add_argument("--entropy-weight", type=non_negative_float, default=1.0,
+                           help="lambda_ent: weight of the mean per-sample entropy mean_i H(p_i), "
+                                "minimized (MSN, TWIST; not in the paper: 0 turns it off)")
+    objective.add_argument("--student-temp", type=positive_float, default=0.05,
+                           help="tau_s, temperature of the predictions p (METHOD.md's choice: 0.1)")
+    objective.add_argument("--teacher-temp", type=positive_float, default=0.02,
+                           help="tau_t, temperature of the targets q; below tau_s it sharpens them "
+                                "(METHOD.md's choice: 0.04)")
     objective.add_argument("--regularizer", choices=REGULARIZERS, default="memax",
                            help="nCLIP anti-collapse: memax (the paper's mean-entropy maximization), "
                                 "center (DINO's EMA center), sinkhorn (SwAV's equipartition)")
@@ -208,9 +224,12 @@ def build_model(args, device):
     torch.manual_seed(args.seed)
     config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
     model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
-    objective = Objective(args.loss, config.num_prototypes, args.student_temp, args.teacher_temp,
-                          args.me_max_weight, args.nclip_weight, args.regularizer,
-                          args.center_momentum, args.target_grad, args.local_loss).to(device)
+    objective = Objective(
+        args.loss, config.num_prototypes, nclip_weight=args.nclip_weight, local_loss=args.local_loss,
+        student_temp=args.student_temp, teacher_temp=args.teacher_temp,
+        me_max_weight=args.me_max_weight, entropy_weight=args.entropy_weight,
+        regularizer=args.regularizer, center_momentum=args.center_momentum,
+        target_grad=args.target_grad).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
     optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
@@ -309,6 +328,7 @@ def train(args):
               f"global batch {args.batch_size * world_size} on {world_size} x {device}", flush=True)
     bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
     batches, last_log_time, logged = iter(loader), time.time(), {}
+    interval_sums, interval_steps = {}, 0  # step metrics since the last log line, on the device
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over, this rank
     for step in range(start_step, args.steps):
         lr = learning_rate(step, args)
@@ -319,24 +339,28 @@ def train(args):
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         loss, metrics, grad_norm = train_step(model, train_model, objective, optimizer, images, tokens,
                                               autocast, args.grad_clip)
+        step_metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+        interval_sums = {k: interval_sums.get(k, 0) + v for k, v in step_metrics.items()}
+        interval_steps += 1
         bar.update(1)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             # The only host sync of the loop; it also agrees across ranks on stopping.
-            logged = reduce_metrics({"loss": loss.detach(), "grad_norm": grad_norm, **metrics,
+            averaged = {k: v / interval_steps for k, v in interval_sums.items()}
+            logged = reduce_metrics({**averaged, **model.head_norms(),
                                      "stop": torch.tensor(float(stop_signal is not None), device=device),
                                      # summed over ranks, as a mean times the number of ranks
                                      **{f"skipped/{r}": n.to(device) * world_size
                                         for r, n in zip(SKIP_REASONS, skipped)}},
                                     world_size)
             now = time.time()
-            logged.update(step=step + 1, lr=lr, samples_per_second=args.log_every * args.batch_size
+            logged.update(step=step + 1, lr=lr, samples_per_second=interval_steps * args.batch_size
                           * world_size / (now - last_log_time))
-            last_log_time = now
+            last_log_time, interval_sums, interval_steps = now, {}, 0
             if is_main:
                 bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.3g}" for k in
                                  ("loss", "lr", "logit_scale", "nclip/image_perplexity",
-                                  "nclip/information") if k in logged}, skipped=int(sum(
-                                     logged[f"skipped/{r}"] for r in SKIP_REASONS)))
+                                  "nclip/information", "nclip/same_prototype") if k in logged},
+                                skipped=int(sum(logged[f"skipped/{r}"] for r in SKIP_REASONS)))
                 with open(log_path, "a") as f:
                     f.write(json.dumps(logged) + "\n")
             if logged.pop("stop") > 0:  # Ctrl-C or SIGTERM: keep what was learned, then stop

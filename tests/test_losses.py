@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import Objective, clip_loss, entropy, nclip_loss, prototype_targets, sinkhorn, xclip_loss
+from losses import NCLIPLoss, Objective, clip_loss, collapse_monitors, entropy, sinkhorn, xclip_loss
 from model import TwoTowerOutput
 
 
@@ -31,13 +31,14 @@ def softmax_np(x, temperature):
     return z / z.sum(axis=1, keepdims=True)
 
 
-def nclip_loss_numpy(image_logits, text_logits, tau_s, tau_t, lambda_me):
+def nclip_loss_numpy(image_logits, text_logits, tau_s, tau_t, lambda_me, lambda_ent):
     p_v, p_t = softmax_np(image_logits, tau_s), softmax_np(text_logits, tau_s)
     q_v, q_t = softmax_np(image_logits, tau_t), softmax_np(text_logits, tau_t)
     prediction = 0.5 * (-(q_t * np.log(p_v)).sum(1).mean() - (q_v * np.log(p_t)).sum(1).mean())
     pbar_v, pbar_t = p_v.mean(0), p_t.mean(0)
     mean_entropy = -0.5 * (-(pbar_v * np.log(pbar_v)).sum() - (pbar_t * np.log(pbar_t)).sum())
-    return prediction + lambda_me * mean_entropy
+    sample_entropy = 0.5 * (-(p_v * np.log(p_v)).sum(1).mean() - (p_t * np.log(p_t)).sum(1).mean())
+    return prediction + lambda_me * mean_entropy + lambda_ent * sample_entropy
 
 
 def test_clip_loss_matches_explicit_loops():
@@ -57,21 +58,25 @@ def test_clip_local_loss_equals_global_loss_on_one_process():
     assert clip_loss(u, w, s, local_loss=True).item() == pytest.approx(clip_loss(u, w, s).item())
 
 
-@pytest.mark.parametrize("lambda_me", [0.0, 1.0, 2.5])
-def test_nclip_loss_matches_numpy(lambda_me):
+@pytest.mark.parametrize("lambda_me,lambda_ent", [(0.0, 0.0), (1.0, 0.0), (2.5, 0.7)])
+def test_nclip_loss_matches_numpy(lambda_me, lambda_ent):
     image_logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(5)).tanh()
     text_logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(6)).tanh()
-    loss, _ = nclip_loss(image_logits.double(), text_logits.double(), 0.1, 0.04, lambda_me)
-    expected = nclip_loss_numpy(image_logits.double().numpy(), text_logits.double().numpy(), 0.1, 0.04, lambda_me)
+    nclip = NCLIPLoss(11, student_temp=0.1, teacher_temp=0.04, me_max_weight=lambda_me,
+                      entropy_weight=lambda_ent)
+    loss, _ = nclip(image_logits.double(), text_logits.double())
+    expected = nclip_loss_numpy(image_logits.double().numpy(), text_logits.double().numpy(),
+                                0.1, 0.04, lambda_me, lambda_ent)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_xclip_loss_is_clip_plus_weighted_nclip():
     model_output = TwoTowerOutput(unit_rows(5, 4, seed=7), unit_rows(5, 4, seed=8), torch.tensor(10.0),
-                                  torch.randn(5, 13).tanh(), torch.randn(5, 13).tanh())
+                                  torch.randn(5, 13).tanh(), torch.randn(5, 13).tanh(),
+                                  unit_rows(5, 4, seed=9), unit_rows(5, 4, seed=10))
     clip = clip_loss(model_output.image_embeddings, model_output.text_embeddings, model_output.logit_scale)
-    nclip, _ = nclip_loss(model_output.image_prototype_logits, model_output.text_prototype_logits)
-    loss, metrics = Objective("xclip", nclip_weight=0.5)(model_output)
+    nclip, _ = NCLIPLoss(13)(model_output.image_prototype_logits, model_output.text_prototype_logits)
+    loss, metrics = Objective("xclip", 13, nclip_weight=0.5)(model_output)
     assert loss.item() == pytest.approx(clip.item() + 0.5 * nclip.item(), rel=1e-6)
     assert xclip_loss(clip, nclip, 0.5).item() == pytest.approx(loss.item(), rel=1e-6)
     assert metrics["clip/loss"].item() == pytest.approx(clip.item())
@@ -84,16 +89,21 @@ def test_clip_loss_gradcheck():
     assert torch.autograd.gradcheck(lambda u, w, s: clip_loss(u, w, s), (u, w, s))
 
 
+def nclip_with_center(num_prototypes, regularizer, generator, **options):
+    """An NCLIPLoss in eval mode (its DINO center frozen) with a random center."""
+    nclip = NCLIPLoss(num_prototypes, regularizer=regularizer, student_temp=0.1, teacher_temp=0.04,
+                      me_max_weight=1.0, **options).double().eval()
+    nclip.center.copy_(torch.randn(2, num_prototypes, dtype=torch.float64, generator=generator) * 0.1)
+    return nclip
+
+
 @pytest.mark.parametrize("regularizer", ["memax", "center"])
 def test_nclip_loss_gradcheck_with_gradient_through_targets(regularizer):
-    image_logits = torch.randn(4, 6, dtype=torch.float64).tanh().requires_grad_()
-    text_logits = torch.randn(4, 6, dtype=torch.float64).tanh().requires_grad_()
-    center = torch.randn(6, dtype=torch.float64) * 0.1
-
-    def loss(image_logits, text_logits):
-        return nclip_loss(image_logits, text_logits, 0.1, 0.04, 1.0, regularizer, center, center,
-                          target_grad=True)[0]
-    assert torch.autograd.gradcheck(loss, (image_logits, text_logits))
+    generator = torch.Generator().manual_seed(11)
+    image_logits = torch.randn(4, 6, dtype=torch.float64, generator=generator).tanh().requires_grad_()
+    text_logits = torch.randn(4, 6, dtype=torch.float64, generator=generator).tanh().requires_grad_()
+    nclip = nclip_with_center(6, regularizer, generator, entropy_weight=0.5, target_grad=True)
+    assert torch.autograd.gradcheck(lambda v, t: nclip(v, t)[0], (image_logits, text_logits))
 
 
 def numerical_gradient(f, x, eps=1e-6):
@@ -108,12 +118,14 @@ def numerical_gradient(f, x, eps=1e-6):
     return grad
 
 
-def frozen_target_loss_numpy(image_logits, text_logits, q_v, q_t, tau_s, lambda_me):
+def frozen_target_loss_numpy(image_logits, text_logits, q_v, q_t, tau_s, lambda_me, lambda_ent):
     """L_nCLIP with the targets q held fixed: what the stop-gradient differentiates."""
     p_v, p_t = softmax_np(image_logits, tau_s), softmax_np(text_logits, tau_s)
     prediction = 0.5 * (-(q_t * np.log(p_v)).sum(1).mean() - (q_v * np.log(p_t)).sum(1).mean())
     pbar_v, pbar_t = p_v.mean(0), p_t.mean(0)
-    return prediction + lambda_me * 0.5 * ((pbar_v * np.log(pbar_v)).sum() + (pbar_t * np.log(pbar_t)).sum())
+    me_max = 0.5 * ((pbar_v * np.log(pbar_v)).sum() + (pbar_t * np.log(pbar_t)).sum())
+    sample_entropy = 0.5 * (-(p_v * np.log(p_v)).sum(1).mean() - (p_t * np.log(p_t)).sum(1).mean())
+    return prediction + lambda_me * me_max + lambda_ent * sample_entropy
 
 
 @pytest.mark.parametrize("regularizer", ["memax", "center", "sinkhorn"])
@@ -121,46 +133,75 @@ def test_nclip_gradient_with_stopped_targets_matches_finite_differences(regulari
     generator = torch.Generator().manual_seed(10)
     image_logits = torch.randn(5, 7, dtype=torch.float64, generator=generator).tanh().requires_grad_()
     text_logits = torch.randn(5, 7, dtype=torch.float64, generator=generator).tanh().requires_grad_()
-    center = torch.randn(7, dtype=torch.float64, generator=generator) * 0.1
-    loss, _ = nclip_loss(image_logits, text_logits, 0.1, 0.04, 1.0, regularizer, center, center)
+    nclip = nclip_with_center(7, regularizer, generator, entropy_weight=0.5)
+    loss, _ = nclip(image_logits, text_logits)
     loss.backward()
-    q_v = prototype_targets(image_logits.detach(), 0.04, regularizer, center).numpy()
-    q_t = prototype_targets(text_logits.detach(), 0.04, regularizer, center).numpy()
+    q_v = nclip.targets(image_logits.detach(), 0).numpy()
+    q_t = nclip.targets(text_logits.detach(), 1).numpy()
     lambda_me = 1.0 if regularizer == "memax" else 0.0
     x_v, x_t = image_logits.detach().numpy().copy(), text_logits.detach().numpy().copy()
-    numeric_v = numerical_gradient(lambda x: frozen_target_loss_numpy(x, x_t, q_v, q_t, 0.1, lambda_me), x_v)
-    numeric_t = numerical_gradient(lambda x: frozen_target_loss_numpy(x_v, x, q_v, q_t, 0.1, lambda_me), x_t)
-    np.testing.assert_allclose(image_logits.grad.numpy(), numeric_v, atol=1e-6)
-    np.testing.assert_allclose(text_logits.grad.numpy(), numeric_t, atol=1e-6)
+
+    def loss_of_image(x):
+        return frozen_target_loss_numpy(x, x_t, q_v, q_t, 0.1, lambda_me, 0.5)
+
+    def loss_of_text(x):
+        return frozen_target_loss_numpy(x_v, x, q_v, q_t, 0.1, lambda_me, 0.5)
+    np.testing.assert_allclose(image_logits.grad.numpy(), numerical_gradient(loss_of_image, x_v), atol=1e-6)
+    np.testing.assert_allclose(text_logits.grad.numpy(), numerical_gradient(loss_of_text, x_t), atol=1e-6)
 
 
 def test_xclip_objective_gradcheck():
-    objective = Objective("xclip", nclip_weight=0.7, target_grad=True)
+    objective = Objective("xclip", 5, nclip_weight=0.7, target_grad=True)
     u = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     image_logits = torch.randn(4, 5, dtype=torch.float64).tanh().requires_grad_()
     text_logits = torch.randn(4, 5, dtype=torch.float64).tanh().requires_grad_()
 
     def loss(u, w, image_logits, text_logits):
-        return objective(TwoTowerOutput(u, w, torch.tensor(2.0, dtype=torch.float64),
-                                        image_logits, text_logits))[0]
+        out = TwoTowerOutput(u, w, torch.tensor(2.0, dtype=torch.float64), image_logits, text_logits,
+                             image_bottleneck=u, text_bottleneck=w)
+        return objective(out)[0]
     assert torch.autograd.gradcheck(loss, (u, w, image_logits, text_logits))
 
 
-def test_memax_scores_a_collapsed_batch_with_minimal_entropy():
+def monitors_of(image_logits, text_logits, student_temp=0.01):
+    bottleneck = torch.zeros(len(image_logits), 4)
+    out = TwoTowerOutput(image_prototype_logits=image_logits, text_prototype_logits=text_logits,
+                         image_bottleneck=bottleneck, text_bottleneck=bottleneck)
+    return collapse_monitors(out, student_temp)
+
+
+def test_monitors_of_a_batch_collapsed_onto_one_prototype():
     logits = torch.full((8, 16), -1.0)
     logits[:, 3] = 1.0  # every sample picks prototype 3: the mean distribution is one-hot
-    _, monitors = nclip_loss(logits, logits, student_temp=0.01)
-    assert monitors["nclip/mean_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    monitors = monitors_of(logits, logits)
     assert monitors["nclip/image_perplexity"].item() == pytest.approx(1.0, abs=1e-4)
+    assert monitors["nclip/information"].item() == pytest.approx(0.0, abs=1e-4)
+    assert monitors["nclip/image_logit_spread"].item() == 0.0
 
 
-def test_memax_scores_a_uniformly_spread_batch_with_maximal_entropy():
+def test_monitors_of_a_batch_collapsed_onto_one_wide_distribution():
+    logits = torch.linspace(-1, 1, 16).repeat(8, 1)  # every sample gets the same distribution
+    monitors = monitors_of(logits, logits, student_temp=1.0)
+    assert monitors["nclip/image_perplexity"].item() > 12  # the usage looks healthy...
+    assert monitors["nclip/information"].item() == pytest.approx(0.0, abs=1e-5)  # ...it is not
+    assert monitors["nclip/same_prototype"].item() == 1.0  # and agreement is meaningless
+
+
+def test_monitors_of_confident_balanced_agreeing_assignments():
     logits = torch.eye(16) * 2 - 1  # sample i picks prototype i: the mean is uniform
-    _, monitors = nclip_loss(logits, logits, student_temp=0.01)
-    assert monitors["nclip/mean_entropy"].item() == pytest.approx(-math.log(16), rel=1e-5)
+    monitors = monitors_of(logits, logits)
     assert monitors["nclip/text_perplexity"].item() == pytest.approx(16, rel=1e-4)
+    assert monitors["nclip/information"].item() == pytest.approx(math.log(16), rel=1e-3)
     assert monitors["nclip/same_prototype"].item() == 1.0
+    assert monitors["nclip/deviation_correlation"].item() == pytest.approx(1.0)
+
+
+def test_deviation_correlation_is_near_zero_for_unrelated_modalities():
+    generator = torch.Generator().manual_seed(12)
+    image_logits = torch.randn(512, 32, generator=generator)
+    text_logits = torch.randn(512, 32, generator=generator)
+    assert abs(monitors_of(image_logits, text_logits)["nclip/deviation_correlation"].item()) < 0.05
 
 
 def test_entropy_of_uniform_and_one_hot():
@@ -176,9 +217,9 @@ def test_sinkhorn_targets_use_every_prototype_equally():
 
 
 def test_center_regularizer_updates_its_ema_and_drops_memax():
-    objective = Objective("nclip", num_prototypes=4, regularizer="center", center_momentum=0.9)
+    nclip = NCLIPLoss(4, regularizer="center", center_momentum=0.9, entropy_weight=0.0)
     image_logits, text_logits = torch.rand(6, 4), torch.rand(6, 4)
-    loss, metrics = objective(TwoTowerOutput(image_prototype_logits=image_logits,
-                                             text_prototype_logits=text_logits))
-    assert torch.allclose(objective.image_center, 0.1 * image_logits.mean(0))
-    assert loss.item() == pytest.approx(metrics["nclip/prediction"].item())
+    loss, terms = nclip(image_logits, text_logits)
+    assert torch.allclose(nclip.center[0], 0.1 * image_logits.mean(0))
+    assert torch.allclose(nclip.center[1], 0.1 * text_logits.mean(0))
+    assert loss.item() == pytest.approx(terms["prediction"].item())

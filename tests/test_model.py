@@ -2,6 +2,7 @@
 architecture implies, and its towers pool where METHOD.md says."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import OBJECTIVES, PRESETS, TwoTowerModel, model_config
 
@@ -70,7 +71,7 @@ def test_forward_shapes_and_unit_norm_embeddings():
     assert out.image_embeddings.shape == out.text_embeddings.shape == (3, model.config.embed_dim)
     assert torch.allclose(out.image_embeddings.norm(dim=-1), torch.ones(3))
     assert out.image_prototype_logits.shape == (3, model.config.num_prototypes)
-    assert out.text_prototype_logits.abs().max() <= 1 + 1e-6  # cosines to unit prototypes
+    assert out.text_bottleneck.shape == (3, model.config.head_bottleneck_dim)
 
 
 def test_text_feature_is_read_at_the_end_of_text_token():
@@ -89,7 +90,8 @@ def test_nclip_zero_shot_embedding_is_the_root_of_the_prototype_distribution():
     model = small_model("nclip")
     images = torch.randn(2, 3, 16, 16)
     embedding = model.embed_image(images)
-    p = torch.softmax(model.image_head(model.encode_image(images)) / model.student_temp, dim=-1)
+    _, logits = model.image_head(model.encode_image(images))
+    p = torch.softmax(logits / model.student_temp, dim=-1)
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2))
     assert torch.allclose(embedding ** 2, p, atol=1e-6)
 
@@ -104,3 +106,30 @@ def test_weight_decay_applies_to_weight_matrices_only():
     assert not any(k in name for name in names
                    for k in ("bias", "ln_", "embedding", "logit_scale"))
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_centered_prototype_logits_have_zero_batch_mean_in_training():
+    model = small_model("nclip").train()
+    images = torch.randn(6, 3, 16, 16)
+    _, logits = model.image_head(model.encode_image(images))
+    assert torch.allclose(logits.mean(dim=0), torch.zeros(model.config.num_prototypes), atol=1e-6)
+
+
+def test_evaluation_subtracts_the_running_center_of_the_training_batches():
+    head = small_model("nclip").train().image_head
+    features = torch.randn(6, head.mlp[0].in_features)
+    bottleneck, _ = head(features)
+    cosines = bottleneck @ F.normalize(head.prototypes, dim=-1).t()
+    assert torch.allclose(head.running_center, 0.1 * cosines.mean(0), atol=1e-6)  # momentum 0.9, from 0
+    head.eval()
+    _, evaluated = head(features)
+    assert torch.allclose(evaluated, cosines - head.running_center, atol=1e-6)
+
+
+def test_uncentered_prototype_logits_are_cosines():
+    config = model_config("tiny", vision_layers=1, text_layers=1, vocab_size=1000, eot_token_id=999,
+                          image_size=16, context_length=8, center_prototype_logits=False)
+    model = TwoTowerModel(config, "nclip")
+    _, logits = model.image_head(torch.randn(4, config.vision_width))
+    assert logits.abs().max() <= 1 + 1e-6
+    assert not hasattr(model.image_head, "running_center")

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from data import SKIP_REASONS, Tokenizer
 from eval import retrieval_recall
-from model import config_fields, model_config
-from train import autocast_context, build_model, build_parser, build_train_loader, train_step
+from model import autocast_context, default_device
+from train import (Trainee, build_model, build_parser, build_train_loader, model_config_from_args,
+                   train_step)
 
 # Dense bf16 tensor-core peaks from the data sheets (TFLOP/s). MFU is reported against
 # this peak whatever --precision is, as PaLM and nanoGPT do; a CPU or another GPU needs
@@ -40,12 +41,16 @@ def parse_args():
     p.set_defaults(steps=20, batch_size=64)
     p.add_argument("--warmup-steps", type=int, default=5,
                    help="untimed steps first (compilation, allocator and cache warm-up)")
-    p.add_argument("--compare", nargs="+", choices=("clip", "nclip", "xclip", "open_clip"), default=None,
-                   help="time these steps in one run, interleaved, against the first (replaces --loss)")
+    p.add_argument("--compare", nargs="+", choices=("clip", "nclip", "xclip", "open_clip"),
+                   default=None,
+                   help="time these steps in one run, interleaved, against the first (replaces "
+                        "--loss)")
     p.add_argument("--loader", action="store_true",
-                   help="time train.py's data loader for --train-data instead (decode, augment, tokenize)")
+                   help="time train.py's data loader for --train-data instead (decode, augment, "
+                        "tokenize)")
     p.add_argument("--retrieval", action="store_true",
-                   help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's size) instead")
+                   help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's "
+                        "size) instead")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for MFU; default: the table in bench.py for known GPUs")
     return p.parse_args()
@@ -67,9 +72,11 @@ def flops_per_sample(c, objective, batch_size):
     forward = (patch_projection + tower(c.vision_width, c.vision_layers, patches + 1)
                + tower(c.text_width, c.text_layers, c.context_length))
     if objective in ("clip", "xclip"):  # projections, then this sample's row of logits
-        forward += 2 * (c.vision_width + c.text_width) * c.embed_dim + 2 * batch_size * c.embed_dim
+        forward += 2 * (c.vision_width + c.text_width) * c.embed_dim
+        forward += 2 * batch_size * c.embed_dim
     if objective in ("nclip", "xclip"):
-        head = [c.head_hidden_dim] * (c.head_layers - 1) + [c.head_bottleneck_dim, c.num_prototypes]
+        head = [c.head_hidden_dim] * (c.head_layers - 1)
+        head += [c.head_bottleneck_dim, c.num_prototypes]
         for dims in ([c.vision_width] + head, [c.text_width] + head):
             forward += 2 * sum(a * b for a, b in zip(dims, dims[1:]))
     return 3 * forward - patch_projection  # pixels need no gradient: one backward matmul there
@@ -81,7 +88,8 @@ def synthetic_batch(c, batch_size, device):
     tokens = torch.randint(1, c.eot_token_id, (batch_size, c.context_length), device=device)
     lengths = torch.randint(1, c.context_length, (batch_size, 1), device=device)
     positions = torch.arange(c.context_length, device=device)
-    tokens = tokens.masked_fill(positions > lengths, 0).masked_fill(positions == lengths, c.eot_token_id)
+    tokens = tokens.masked_fill(positions > lengths, 0)
+    tokens = tokens.masked_fill(positions == lengths, c.eot_token_id)
     return images, tokens
 
 
@@ -89,7 +97,8 @@ def peak_memory_text(device):
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated by torch"
     # Linux reports kilobytes: the whole process, Python and libraries included.
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process)"
+    resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return f"{resident:.2f} GiB resident (process)"
 
 
 def peak_tflops(args, device):
@@ -106,19 +115,23 @@ def open_clip_step(args, config, device, autocast):
     scale clamped at 100 afterwards (as its train.py does)."""
     import open_clip
     c = config
-    vision = open_clip.model.CLIPVisionCfg(layers=c.vision_layers, width=c.vision_width, mlp_ratio=c.mlp_ratio,
-                                           head_width=c.vision_width // c.vision_heads,
-                                           patch_size=c.patch_size, image_size=c.image_size)
-    text = open_clip.model.CLIPTextCfg(context_length=c.context_length, vocab_size=c.vocab_size,
-                                       width=c.text_width, heads=c.text_heads, layers=c.text_layers,
-                                       mlp_ratio=c.mlp_ratio)
+    vision = open_clip.model.CLIPVisionCfg(
+        layers=c.vision_layers, width=c.vision_width, mlp_ratio=c.mlp_ratio,
+        head_width=c.vision_width // c.vision_heads, patch_size=c.patch_size,
+        image_size=c.image_size)
+    text = open_clip.model.CLIPTextCfg(
+        context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+        heads=c.text_heads, layers=c.text_layers, mlp_ratio=c.mlp_ratio)
     torch.manual_seed(args.seed)
     model = open_clip.CLIP(c.embed_dim, vision, text).to(device)
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    def no_decay(name, p):
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
     named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": args.wd}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    groups = [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": args.wd}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
     train_model = torch.compile(model) if args.compile else model
     loss_fn = open_clip.ClipLoss()
 
@@ -138,8 +151,10 @@ def our_step(args, loss, device, autocast):
     args.loss = loss
     model, objective, optimizer = build_model(args, device)
     train_model = torch.compile(model) if args.compile else model
-    step = lambda images, tokens: train_step(model, train_model, objective, optimizer, images, tokens,
-                                            autocast, args.grad_clip)
+    trainee = Trainee(model, train_model, objective, optimizer, autocast, args.grad_clip)
+
+    def step(images, tokens):
+        train_step(trainee, images, tokens)
     return step, model.num_params()
 
 
@@ -162,7 +177,8 @@ def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
 def time_loader(args, config):
     """Images/s of train.py's loader on --train-data with --workers processes: decoding,
     random resized crop, normalization, tokenization and collation, what a GPU waits for."""
-    loader = build_train_loader(args, config.image_size, Tokenizer(config.context_length), 0, 1, 0)
+    tokenizer = Tokenizer(config.context_length)
+    loader = build_train_loader(args, config.image_size, tokenizer, 0, 1, 0)
     batches = iter(loader)
     for _ in range(args.warmup_steps):  # worker start-up and prefetch
         next(batches)
@@ -171,8 +187,8 @@ def time_loader(args, config):
     seconds = time.perf_counter() - started
     print(f"loader | {args.train_data} | {config.image_size} px | batch {args.batch_size} | "
           f"{args.workers} worker(s) | {args.steps} batches after {args.warmup_steps} warm-up")
-    print(f"images/s: {args.steps * args.batch_size / seconds:.0f} | skipped: "
-          + ", ".join(f"{reason} {int(n)}" for reason, n in zip(SKIP_REASONS, skipped)))
+    counts = ", ".join(f"{reason} {int(n)}" for reason, n in zip(SKIP_REASONS, skipped))
+    print(f"images/s: {args.steps * args.batch_size / seconds:.0f} | skipped: {counts}")
 
 
 def time_retrieval(config, trials=3):
@@ -183,17 +199,17 @@ def time_retrieval(config, trials=3):
     captions = F.normalize(images[caption_image] + torch.randn(25000, config.embed_dim) / 2, dim=-1)
     for trial in range(trials):
         started = time.perf_counter()
-        recall = retrieval_recall(images, captions, caption_image)
+        recall = retrieval_recall(images, captions, caption_image)["image_to_text/R@1"]
         print(f"retrieval 5000 x 25000, {config.embed_dim}-d, {torch.get_num_threads()} threads: "
-              f"{time.perf_counter() - started:.2f} s (image_to_text/R@1 {recall['image_to_text/R@1']:.3f})")
+              f"{time.perf_counter() - started:.2f} s (image_to_text/R@1 {recall:.3f})")
 
 
 def main():
     args = parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = autocast_context(args.precision, device)
+    device = torch.device(args.device or default_device())
+    autocast = autocast_context(device, args.precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
+    config = model_config_from_args(args)
     if args.loader:
         return time_loader(args, config)
     if args.retrieval:
@@ -209,26 +225,30 @@ def main():
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = dict(zip(names, time_interleaved([steps[n] for n in names], batch, args.warmup_steps, args.steps, sync)))
-    print(f"{args.model} | batch {args.batch_size} | {device} | "
-          f"{'bf16' if isinstance(autocast, torch.autocast) else 'fp32'}{' | compiled' if args.compile else ''} | "
+    timed = time_interleaved([steps[n] for n in names], batch, args.warmup_steps, args.steps, sync)
+    seconds = dict(zip(names, timed))
+    precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
+    compiled = " | compiled" if args.compile else ""
+    print(f"{args.model} | batch {args.batch_size} | {device} | {precision}{compiled} | "
           f"median of {args.steps} steps after {args.warmup_steps} warm-up, "
           f"{time.perf_counter() - started:.0f} s in all")
     peak = peak_tflops(args, device)
     first = statistics.median(seconds[names[0]])
     for name in names:
         median = statistics.median(seconds[name])
+        relative = f" | {first / median:.2f}x the speed of {names[0]}" if name != names[0] else ""
         print(f"{name}: {params[name] / 1e6:.2f}M parameters | ms/step: {1000 * median:.1f} "
               f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {args.batch_size / median:.1f}"
-              + (f" | {first / median:.2f}x the speed of {names[0]}" if name != names[0] else ""))
+              f"{relative}")
         if name != "open_clip":
             flops = flops_per_sample(config, name, args.batch_size)
             achieved = flops * args.batch_size / median / 1e12
-            print(f"  model FLOPs/sample: {flops / 1e9:.3f} GFLOP (forward + backward) | " +
-                  (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
+            mfu = (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
                    f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "
-                   f"{achieved:.3f} TFLOP/s achieved"))
-    print(f"peak memory: {peak_memory_text(device)}" + (" (all steps together)" if len(names) > 1 else ""))
+                   f"{achieved:.3f} TFLOP/s achieved")
+            print(f"  model FLOPs/sample: {flops / 1e9:.3f} GFLOP (forward + backward) | {mfu}")
+    together = " (all steps together)" if len(names) > 1 else ""
+    print(f"peak memory: {peak_memory_text(device)}{together}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Tokenizer, image transforms, caption tables and tar shards, and loaders.
-The built-in synthetic dataset lives in synthetic.py."""
+"""Tokenizer, image transforms, caption tables and tar shards, loaders, and how bad user
+input is reported. The built-in synthetic dataset lives in synthetic.py."""
+import argparse
 import csv
 import io
 import json
@@ -21,6 +22,53 @@ class DataError(Exception):
     """Bad user data (a missing path, an empty folder): reported in one line, exit 2."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def stream_seed(seed, *digits):
+    """The seed of one random stream: the run's `seed` followed by the stream's
+    coordinates as the digits of a mixed-radix number. Each digit is (value, radix) with
+    0 <= value < radix, so two streams that differ in any coordinate never share a seed.
+    E.g. sample i of a split: stream_seed(seed, (split, 4), (stream, 4), (i, 2**40))."""
+    number = seed
+    for value, radix in digits:
+        assert 0 <= value < radix, (value, radix)
+        number = number * radix + value
+    return number
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
@@ -37,7 +85,6 @@ class Tokenizer:
             self.encoding = tiktoken.get_encoding("cl100k_base")
         self.context_length = context_length
         self.eot_token_id = self.encoding.eot_token
-        self.vocab_size = self.encoding.n_vocab
 
     def __call__(self, texts):  # list of str -> (N, context_length) int64
         tokens = torch.zeros(len(texts), self.context_length, dtype=torch.long)
@@ -130,10 +177,12 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
         else:
             separator = separator or ("\t" if path.endswith(".tsv") else ",")
             rows = list(csv.DictReader(f, delimiter=separator))
-    missing = [key for key in (image_key, caption_key) if rows and key not in rows[0]]
-    if missing or not rows:
-        raise DataError(f"{path}: no rows" if not rows else
-                        f"{path}: no column {', '.join(map(repr, missing))} (have {', '.join(rows[0])})")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    missing = [key for key in (image_key, caption_key) if key not in rows[0]]
+    if missing:
+        wanted, have = ", ".join(map(repr, missing)), ", ".join(rows[0])
+        raise DataError(f"{path}: no column {wanted} (have {have})")
     return [(os.path.join(folder, row[image_key]), row[caption_key] or "") for row in rows]
 
 
@@ -142,7 +191,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def name_examples(names, count=3):
-    return ", ".join(names[:count]) + (f" (and {len(names) - count} more)" if len(names) > count else "")
+    more = f" (and {len(names) - count} more)" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
 
 
 def read_image_folder(root):
@@ -160,7 +210,8 @@ def read_image_folder(root):
         samples += [(os.path.join(root, folder, f), label) for f in files]
         empty += [] if files else [folder]
     if empty:
-        raise DataError(f"{root}: {len(empty)} class folder(s) without images: {name_examples(empty)}")
+        raise DataError(f"{root}: {len(empty)} class folder(s) without images: "
+                        f"{name_examples(empty)}")
     return folders, samples
 
 
@@ -184,7 +235,9 @@ def group_captions_by_image(pairs):
     missing = [path for path in image_index if not os.path.isfile(path)]
     if missing:
         raise DataError(f"{len(missing)} captioned image(s) not found: {name_examples(missing)}")
-    return list(image_index), [caption for _, caption in pairs], [image_index[path] for path, _ in pairs]
+    captions = [caption for _, caption in pairs]
+    caption_images = [image_index[path] for path, _ in pairs]
+    return list(image_index), captions, caption_images
 
 
 class IndexedImages(Dataset):
@@ -216,6 +269,7 @@ def collate_readable(batch):
 # training loop while every batch keeps its size.
 
 SKIP_REASONS = ("bad_image", "bad_caption", "bad_shard")
+EPOCHS, RANKS, WORKERS = 100_003, 1 << 16, 1 << 10  # radices of the data-order seeds
 
 
 def no_skips():
@@ -226,7 +280,8 @@ class CaptionTableDataset(Dataset):
     """Training pairs from a CSV/TSV/JSONL caption table. A pair whose image will not
     decode or whose caption is empty is passed over for the next row, and counted."""
 
-    def __init__(self, path, transform, tokenizer, image_key="filepath", caption_key="title", separator=None):
+    def __init__(self, path, transform, tokenizer, image_key="filepath", caption_key="title",
+                 separator=None):
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
         self.pairs = read_caption_table(path, image_key, caption_key, separator)
 
@@ -296,17 +351,19 @@ class TarShardStream(IterableDataset):
     come after its last good one, having no sample left to carry them.
     """
 
-    def __init__(self, shards, transform, tokenizer, rank=0, world_size=1, seed=0, shuffle_buffer=1000,
-                 start_epoch=0, start_fraction=0.0, epochs=None):
+    def __init__(self, shards, transform, tokenizer, rank=0, world_size=1, seed=0,
+                 shuffle_buffer=1000, start_epoch=0, start_fraction=0.0, epochs=None):
         self.shards, self.transform, self.tokenizer = shards, transform, tokenizer
-        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.start_epoch, self.start_fraction, self.epochs = start_epoch, start_fraction, epochs
 
     def slot_shards(self, epoch, worker_id=0, num_workers=1):
         slot, slots = self.rank * num_workers + worker_id, self.world_size * num_workers
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(
-            self.seed * 100_003 + epoch)).tolist()
-        mine = [self.shards[order[i % len(order)]] for i in range(slot, max(len(order), slots), slots)]
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, (epoch, EPOCHS)))
+        order = torch.randperm(len(self.shards), generator=generator).tolist()
+        positions = range(slot, max(len(order), slots), slots)
+        mine = [self.shards[order[i % len(order)]] for i in positions]
         return mine[int(len(mine) * self.start_fraction):] if epoch == self.start_epoch else mine
 
     def raw_samples(self, skipped, worker_id, num_workers):
@@ -324,7 +381,7 @@ class TarShardStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        rng = random.Random(self.seed * 1_000_003 + self.rank * 1009 + worker_id)
+        rng = random.Random(stream_seed(self.seed, (self.rank, RANKS), (worker_id, WORKERS)))
         skipped, buffer = no_skips(), []
         raw = self.raw_samples(skipped, worker_id, num_workers)
         while True:
@@ -361,7 +418,8 @@ class ResumableSampler(Sampler):
     """
 
     def __init__(self, length, batch_size, rank=0, world_size=1, start=0, seed=0, finite=True):
-        self.length, self.batch_size, self.rank, self.world_size = length, batch_size, rank, world_size
+        self.length, self.batch_size = length, batch_size
+        self.rank, self.world_size = rank, world_size
         self.start, self.seed, self.finite = start, seed, finite
 
     def __iter__(self):
@@ -376,7 +434,8 @@ class ResumableSampler(Sampler):
                     continue
                 if sample // self.length != epoch:
                     epoch = sample // self.length
-                    generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                    seed = stream_seed(self.seed, (epoch, EPOCHS))
+                    generator = torch.Generator().manual_seed(seed)
                     permutation = torch.randperm(self.length, generator=generator).tolist()
                 yield permutation[sample % self.length]
             g += global_batch
@@ -387,8 +446,10 @@ def ignore_interrupts(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, shuffle=False, collate_fn=None):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=sampler is not None,
+def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, collate_fn=None):
+    """Training loaders have a sampler and drop the last partial batch; evaluation
+    loaders read the dataset in order, all of it."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=sampler is not None,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                       worker_init_fn=ignore_interrupts, collate_fn=collate_fn)

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import all_reduce_max, all_reduce_sum, gather_with_grad, global_mean, rank, world_size
+from distributed import (all_reduce_max, all_reduce_sum, gather_with_grad, global_mean, rank,
+                         world_size)
 
 REGULARIZERS = ("memax", "center", "sinkhorn")
 
@@ -140,7 +141,8 @@ def collapse_monitors(out, student_temp):
         bottleneck_deviation = bottleneck - bottleneck.mean(dim=0)
         monitors[f"nclip/{modality}_perplexity"] = pbar_entropy.exp()
         monitors[f"nclip/{modality}_logit_spread"] = deviation.pow(2).mean().sqrt()
-        monitors[f"nclip/{modality}_bottleneck_spread"] = bottleneck_deviation.pow(2).sum(-1).mean().sqrt()
+        bottleneck_spread = bottleneck_deviation.pow(2).sum(-1).mean().sqrt()
+        monitors[f"nclip/{modality}_bottleneck_spread"] = bottleneck_spread
     sample_entropy = sum(sample_entropies) / 2
     monitors["nclip/sample_entropy"] = sample_entropy
     monitors["nclip/information"] = sum(mean_entropies) / 2 - sample_entropy
@@ -175,7 +177,8 @@ def xclip_loss(clip, nclip, nclip_weight=1.0):
 class Objective(nn.Module):
     """CLIP, nCLIP or xCLIP by name: turns a TwoTowerOutput into (loss, metrics)."""
 
-    def __init__(self, name, num_prototypes=0, *, nclip_weight=1.0, local_loss=False, **nclip_options):
+    def __init__(self, name, num_prototypes=0, *, nclip_weight=1.0, local_loss=False,
+                 **nclip_options):
         super().__init__()
         self.name, self.nclip_weight, self.local_loss = name, nclip_weight, local_loss
         if name in ("nclip", "xclip"):

@@ -6,7 +6,8 @@ block, the two towers, the prototype head, then the model that ties them togethe
 and its optimizer groups.
 """
 import math
-from dataclasses import dataclass, field, fields, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ class ModelConfig:
 PRESETS = {
     # Seconds per step on a laptop CPU; what the default job and the tests train.
     "tiny": dict(image_size=48, patch_size=8, vision_width=128, vision_layers=4,
-                 vision_heads=4, context_length=24, text_width=128, text_layers=4,
+                 vision_heads=4, context_length=24, text_width=128, text_layers=2,
                  text_heads=4, embed_dim=128, num_prototypes=64, head_hidden_dim=512,
                  head_bottleneck_dim=128),
     "vit_s16": dict(vision_width=384, vision_heads=6, text_width=384, text_heads=6,
@@ -63,8 +64,15 @@ def model_config(preset, **overrides):
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def config_fields():
-    return fields(ModelConfig)
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_context(device, precision="auto"):
+    """bf16 autocast for precision "bf16", or "auto" on a GPU; plain fp32 otherwise."""
+    device_type = torch.device(device).type
+    use_bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    return torch.autocast(device_type, torch.bfloat16) if use_bf16 else nullcontext()
 
 
 class Attention(nn.Module):
@@ -201,7 +209,8 @@ class PrototypeHead(nn.Module):
         if self.training:
             center = global_mean(logits.to(torch.promote_types(logits.dtype, torch.float32)))
             with torch.no_grad():
-                self.running_center.lerp_(center.to(self.running_center.dtype), 1 - self.center_momentum)
+                running_center = self.running_center
+                running_center.lerp_(center.to(running_center.dtype), 1 - self.center_momentum)
         else:
             center = self.running_center
         return bottleneck, logits - center
@@ -255,8 +264,9 @@ class TwoTowerModel(nn.Module):
     def _init_weights(self):
         """CLIP's initialization, scaled by each tower's width and depth: a narrow model
         starts with towers whose features already vary with their input."""
-        for tower, width, layers in ((self.visual, self.config.vision_width, self.config.vision_layers),
-                                     (self.text, self.config.text_width, self.config.text_layers)):
+        towers = ((self.visual, self.config.vision_width, self.config.vision_layers),
+                  (self.text, self.config.text_width, self.config.text_layers))
+        for tower, width, layers in towers:
             projection_std = width ** -0.5 * (2 * layers) ** -0.5
             for block in tower.transformer.blocks:
                 nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
@@ -341,9 +351,9 @@ class TwoTowerModel(nn.Module):
         if self.has_clip:
             self.logit_scale.clamp_(max=math.log(max_scale))
 
-    def set_grad_checkpointing(self, enabled=True):
-        self.visual.transformer.grad_checkpointing = enabled
-        self.text.transformer.grad_checkpointing = enabled
+    def enable_grad_checkpointing(self):
+        self.visual.transformer.grad_checkpointing = True
+        self.text.transformer.grad_checkpointing = True
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

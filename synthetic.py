@@ -1,15 +1,26 @@
-"""The built-in dataset: a procedurally drawn world of one or two coloured shapes on
+"""The built-in data: a procedurally drawn world of one or two coloured shapes on
 cluttered backgrounds, captioned with varied templates and synonyms, with configurable
-web-style noise (loose and unrelated captions). Sample i of a split is a pure function of
-(seed, split, i), so every process and worker draws the same data."""
+web-style noise (loose and unrelated captions), and how a model is scored on it (zero-shot
+shape and color, retrieval, linear probes). Sample i of a split is a pure function of
+(seed, split, i), so every process and worker draws the same data.
+
+    python synthetic.py export demo               # as image folders and a caption CSV
+    python synthetic.py eval --checkpoint CKPT    # the scores train.py prints at its end
+"""
+import csv
 import math
+import os
 import random
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from data import EvalTransform, no_skips
+from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer, no_skips,
+                  positive_int, stream_seed)
+from eval import (checkpoint_flags, image_features, linear_probe, load_model, retrieval_recall,
+                  text_embeddings, write_metrics, zero_shot_accuracy, zero_shot_classifier)
 
 SHAPES = {
     "circle": ("circle", "disc", "round dot"),
@@ -30,13 +41,16 @@ COLORS = {
     "cyan": ((30, 200, 210), ("cyan", "turquoise")),
 }
 SIZES = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
+RADII = {"small": (0.20, 0.25), "large": (0.28, 0.35)}  # fractions of the image side
+TWO_OBJECT_SCALE = 0.7  # objects shrink to fit two side by side
 RELATIONS = {  # (dx, dy) of the first object relative to the second
     (-1, 0): ("to the left of", "left of"), (1, 0): ("to the right of", "right of"),
     (0, -1): ("above", "over"), (0, 1): ("below", "under"),
 }
 ONE_OBJECT_TEMPLATES = (
     "a photo of {a_color_shape}", "{a_size_color_shape}", "there is {a_color_shape} in the picture",
-    "{a_color_shape} on a cluttered background", "a photo of {a_size_color_shape}", "{a_shape} colored {color}",
+    "{a_color_shape} on a cluttered background", "a photo of {a_size_color_shape}",
+    "{a_shape} colored {color}",
 )
 OBJECT_PHRASES = ("a_color_shape", "a_size_color_shape")
 TWO_OBJECT_TEMPLATES = (
@@ -79,16 +93,19 @@ def draw_scene(rng, two_object_fraction, excluded_pairs, only_pairs=None):
             if (color, shape) not in excluded_pairs:
                 break
         size = rng.choice(list(SIZES))
-        radius = rng.uniform(0.14, 0.19) if size == "small" else rng.uniform(0.25, 0.33)
+        radius = rng.uniform(*RADII[size])
         center = (rng.uniform(*x_range), rng.uniform(*y_range))
-        return SceneObject(shape, color, size, center, radius * radius_scale, rng.uniform(-0.35, 0.35))
+        angle = rng.uniform(-0.35, 0.35)
+        return SceneObject(shape, color, size, center, radius * radius_scale, angle)
 
     if rng.random() >= two_object_fraction:
         return [draw_object((0.35, 0.65), (0.35, 0.65), 1.0)], None
     relation = rng.choice(list(RELATIONS))
     near, middle, far = (0.25, 0.32), (0.35, 0.65), (0.68, 0.75)
-    first = draw_object(*[near if d < 0 else far if d > 0 else middle for d in relation], 0.7)
-    second = draw_object(*[far if d < 0 else near if d > 0 else middle for d in relation], 0.7)
+    first_ranges = [near if d < 0 else far if d > 0 else middle for d in relation]
+    second_ranges = [far if d < 0 else near if d > 0 else middle for d in relation]
+    first = draw_object(*first_ranges, TWO_OBJECT_SCALE)
+    second = draw_object(*second_ranges, TWO_OBJECT_SCALE)
     return [first, second], relation
 
 
@@ -121,8 +138,8 @@ def render_scene(objects, rng, size, supersample=2):
         muted = tuple((c + rng.randint(0, 255)) // 2 for c in background)
         x, y = rng.uniform(0, side), rng.uniform(0, side)
         if rng.random() < 0.5:
-            draw.line([(x, y), (x + rng.uniform(-side, side) / 3, y + rng.uniform(-side, side) / 3)],
-                      fill=muted, width=supersample)
+            end = (x + rng.uniform(-side, side) / 3, y + rng.uniform(-side, side) / 3)
+            draw.line([(x, y), end], fill=muted, width=supersample)
         else:
             dot = rng.uniform(1, 2) * supersample
             draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=muted)
@@ -132,7 +149,8 @@ def render_scene(objects, rng, size, supersample=2):
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         elif obj.shape == "ring":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(2, round(0.35 * r)))
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color,
+                         width=max(2, round(0.35 * r)))
         else:
             draw.polygon(shape_polygon(obj, side), fill=color)
     return image.reduce(supersample)
@@ -146,9 +164,11 @@ def pick_name(names, rng, synonym_probability=0.2):
 def describe(objects, relation, rng, loose=False):
     """A caption of the scene; `loose` describes only part of it (web-style noise)."""
     def words(obj):
-        shape, color, size = (pick_name(SHAPES[obj.shape], rng), pick_name(COLORS[obj.color][1], rng),
-                              pick_name(SIZES[obj.size], rng))
-        return dict(shape=shape, color=color, size=size, a_shape=with_article(shape), a_color=with_article(color),
+        shape = pick_name(SHAPES[obj.shape], rng)
+        color = pick_name(COLORS[obj.color][1], rng)
+        size = pick_name(SIZES[obj.size], rng)
+        return dict(shape=shape, color=color, size=size, a_shape=with_article(shape),
+                    a_color=with_article(color),
                     a_color_shape=with_article(f"{color} {shape}"),
                     a_size_shape=with_article(f"{size} {shape}"),
                     a_size_color_shape=with_article(f"{size} {color} {shape}"))
@@ -160,6 +180,11 @@ def describe(objects, relation, rng, loose=False):
     first, second = (words(obj)[rng.choice(OBJECT_PHRASES)] for obj in objects)
     return rng.choice(TWO_OBJECT_TEMPLATES).format(
         first=first, second=second, relation=rng.choice(RELATIONS[relation]))
+
+
+# The random streams of one sample, so that e.g. a caption's draws never shift its scene's.
+SCENE, CAPTION, UNRELATED_SCENE, RENDERING, CROP, EXTRA_CAPTION = range(6)
+STREAMS, INDICES = 8, 2**40  # radices of the sample seeds (see data.stream_seed)
 
 
 class SyntheticCaptions(Dataset):
@@ -177,7 +202,8 @@ class SyntheticCaptions(Dataset):
                  transform=None, tokenizer=None, loose_fraction=0.15, unrelated_fraction=0.05,
                  num_heldout_pairs=4, two_object_fraction=0.3, only_heldout=False):
         assert split in SPLIT_IDS, split
-        self.split, self.num_samples, self.seed, self.image_size = split, num_samples, seed, image_size
+        self.split, self.num_samples, self.seed = split, num_samples, seed
+        self.image_size = image_size
         self.transform = transform or EvalTransform(image_size)
         self.tokenizer = tokenizer
         self.loose_fraction, self.unrelated_fraction = loose_fraction, unrelated_fraction
@@ -189,63 +215,188 @@ class SyntheticCaptions(Dataset):
     def __len__(self):
         return self.num_samples
 
-    def rng(self, index, stream=0):
-        return random.Random(((self.seed * 4 + SPLIT_IDS[self.split]) * 4 + stream) * 2**40 + index)
+    def rng(self, index, stream=SCENE):
+        digits = (SPLIT_IDS[self.split], len(SPLIT_IDS)), (stream, STREAMS), (index, INDICES)
+        return random.Random(stream_seed(self.seed, *digits))
 
     def scene(self, index):  # -> (objects, relation)
-        return draw_scene(self.rng(index), self.two_object_fraction, self.excluded_pairs, self.only_pairs)
+        return draw_scene(self.rng(index), self.two_object_fraction, self.excluded_pairs,
+                          self.only_pairs)
 
     def caption(self, index):
-        rng = self.rng(index, stream=1)
+        rng = self.rng(index, CAPTION)
         draw = rng.random()
         if draw < self.unrelated_fraction:
-            source = rng.randrange(2**40)
-            objects, relation = draw_scene(self.rng(source, stream=2), self.two_object_fraction, self.excluded_pairs)
+            source = rng.randrange(INDICES)
+            objects, relation = draw_scene(self.rng(source, UNRELATED_SCENE),
+                                           self.two_object_fraction, self.excluded_pairs)
             return describe(objects, relation, rng)
-        return describe(*self.scene(index), rng, loose=draw < self.unrelated_fraction + self.loose_fraction)
+        loose = draw < self.unrelated_fraction + self.loose_fraction
+        return describe(*self.scene(index), rng, loose)
 
     def image(self, index):
-        return render_scene(self.scene(index)[0], self.rng(index, stream=3), self.image_size)
+        return render_scene(self.scene(index)[0], self.rng(index, RENDERING), self.image_size)
 
     def __getitem__(self, index):  # -> (image, tokens or caption, skip counts: always none)
-        image = self.transform(self.image(index), self.rng(index, stream=4))
+        image = self.transform(self.image(index), self.rng(index, CROP))
         caption = self.caption(index)
-        return image, (self.tokenizer([caption])[0] if self.tokenizer else caption), no_skips()
+        tokens = self.tokenizer([caption])[0] if self.tokenizer else caption
+        return image, tokens, no_skips()
 
+
+# -------------------------------------------------------------------------------- how it is scored
+
+SHAPE_TEMPLATES = ("a photo of a {}.", "there is a {} in the picture.",
+                   "a {} on a cluttered background.")
+# Color is named with a shape in the captions, so a color's prompts enumerate the shapes,
+# as CLIP's ImageNet templates enumerate photo styles. Class names carry their article.
+COLOR_TEMPLATES = tuple(f"a photo of {{}} {shape}." for shape in SHAPES)
+
+
+def scored_scenes(split, num_samples, seed, image_size, num_heldout_pairs, **options):
+    """Scenes with exact captions: retrieval then measures the model, not caption noise."""
+    return SyntheticCaptions(split, num_samples, seed, image_size, EvalTransform(image_size),
+                             loose_fraction=0.0, unrelated_fraction=0.0,
+                             num_heldout_pairs=num_heldout_pairs, **options)
+
+
+def object_labels(scenes, attribute, names):
+    """The class of each single-object scene: the index of its shape or color in `names`."""
+    names = list(names)
+    first_objects = (scenes.scene(i)[0][0] for i in range(len(scenes)))
+    return torch.tensor([names.index(getattr(obj, attribute)) for obj in first_objects])
+
+
+def encode_scenes(model, scenes, device, projected=True, batch_size=256):
+    images = IndexedImages(range(len(scenes)), scenes.image, scenes.transform)
+    return image_features(model, images, device, projected, batch_size)[0]
+
+
+def zero_shot_evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout_pairs=4,
+                         device="cpu", batch_size=256):
+    """Zero-shot shape and color on single-object val images, and shape on the held-out
+    (color, shape) pairs (compositional generalization)."""
+    size = model.config.image_size
+    single = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
+                           two_object_fraction=0.0)
+    shape_classifier = zero_shot_classifier(model, tokenizer, list(SHAPES), SHAPE_TEMPLATES,
+                                            device)
+    color_names = [with_article(color) for color in COLORS]
+    color_classifier = zero_shot_classifier(model, tokenizer, color_names, COLOR_TEMPLATES, device)
+    embeddings = encode_scenes(model, single, device, batch_size=batch_size)
+    shape_labels = object_labels(single, "shape", SHAPES)
+    color_labels = object_labels(single, "color", COLORS)
+    tasks = {"zeroshot/shape": zero_shot_accuracy(embeddings, shape_labels, shape_classifier),
+             "zeroshot/color": zero_shot_accuracy(embeddings, color_labels, color_classifier)}
+    if num_heldout_pairs:
+        heldout = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
+                                two_object_fraction=0.0, only_heldout=True)
+        heldout_embeddings = encode_scenes(model, heldout, device, batch_size=batch_size)
+        heldout_labels = object_labels(heldout, "shape", SHAPES)
+        tasks["zeroshot/heldout_shape"] = zero_shot_accuracy(heldout_embeddings, heldout_labels,
+                                                             shape_classifier)
+    return flat_metrics(tasks)
+
+
+def flat_metrics(tasks):
+    return {f"{task}/{key}": value
+            for task, result in tasks.items() for key, value in result.items()}
+
+
+def evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout_pairs=4, device="cpu",
+               batch_size=256):
+    """All three tasks on the built-in data: zero-shot (zero_shot_evaluation), retrieval
+    with the val captions, and shape and color linear probes on f_v, fit on train-split
+    and scored on val-split single-object images."""
+    size = model.config.image_size
+    metrics = zero_shot_evaluation(model, tokenizer, num_samples, seed, num_heldout_pairs, device,
+                                   batch_size)
+    captioned = scored_scenes("val", num_samples, seed, size, num_heldout_pairs)  # 1 or 2 objects
+    captions = [captioned.caption(i) for i in range(len(captioned))]
+    caption_embeddings = text_embeddings(model, tokenizer, captions, device)
+    image_embeddings = encode_scenes(model, captioned, device, batch_size=batch_size)
+    tasks = {"retrieval/synthetic": retrieval_recall(image_embeddings, caption_embeddings,
+                                                     range(len(captions)))}
+    single = {split: scored_scenes(split, num_samples, seed, size, num_heldout_pairs,
+                                   two_object_fraction=0.0) for split in ("train", "val")}
+    features = {split: encode_scenes(model, scenes, device, projected=False, batch_size=batch_size)
+                for split, scenes in single.items()}
+    for attribute, names in (("shape", SHAPES), ("color", COLORS)):
+        labels = {split: object_labels(scenes, attribute, names)
+                  for split, scenes in single.items()}
+        tasks[f"linear_probe/synthetic_{attribute}"] = linear_probe(
+            features["train"], labels["train"], features["val"], labels["val"], device=device)
+    metrics.update(flat_metrics(tasks))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ command line
 
 def export(out_dir, num_images=500, seed=0, image_size=48, num_heldout_pairs=4):
-    """Write the synthetic data in the formats eval.py reads from disk, to try its
+    """Write the built-in data in the formats eval.py reads from disk, to try its
     commands without downloading anything: single-object images as ImageNet-style class
     folders by shape (OUT/train, OUT/val), and the val images with several exact
     captions each as a CSV (OUT/captions.csv, open_clip's filepath/title columns)."""
-    import csv
-    import os
+    def single_object_scenes(split):
+        return scored_scenes(split, num_images, seed, image_size, num_heldout_pairs,
+                             two_object_fraction=0.0)
+
+    def image_path(scenes, index):
+        return os.path.join(scenes.split, scenes.scene(index)[0][0].shape, f"{index:05d}.png")
+
     for split in SPLIT_IDS:
-        scenes = SyntheticCaptions(split, num_images, seed, image_size, num_heldout_pairs=num_heldout_pairs,
-                                   loose_fraction=0.0, unrelated_fraction=0.0, two_object_fraction=0.0)
+        scenes = single_object_scenes(split)
         for shape in SHAPES:
             os.makedirs(os.path.join(out_dir, split, shape), exist_ok=True)
         for index in range(num_images):
-            scenes.image(index).save(os.path.join(out_dir, split, scenes.scene(index)[0][0].shape, f"{index:05d}.png"))
+            scenes.image(index).save(os.path.join(out_dir, image_path(scenes, index)))
+    scenes = single_object_scenes("val")
     with open(os.path.join(out_dir, "captions.csv"), "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["filepath", "title"])
-        scenes = SyntheticCaptions("val", num_images, seed, image_size, num_heldout_pairs=num_heldout_pairs,
-                                   loose_fraction=0.0, unrelated_fraction=0.0, two_object_fraction=0.0)
         for index in range(num_images):
-            path = os.path.join("val", scenes.scene(index)[0][0].shape, f"{index:05d}.png")
             # three captions per image, drawn with other streams of the same scene
-            for stream in (1, 5, 6):
-                rows.writerow([path, describe(*scenes.scene(index), scenes.rng(index, stream))])
+            for stream in (CAPTION, EXTRA_CAPTION, EXTRA_CAPTION + 1):
+                caption = describe(*scenes.scene(index), scenes.rng(index, stream))
+                rows.writerow([image_path(scenes, index), caption])
+
+
+def build_parser():
+    parser = OneLineErrorParser(description="The built-in data: write it to disk, or score a "
+                                            "checkpoint on it.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    writer = commands.add_parser("export", help=export.__doc__.split(":")[0])
+    writer.add_argument("out_dir", help="folder to write")
+    writer.add_argument("--num-images", type=positive_int, default=500, help="images per split")
+    writer.add_argument("--seed", type=int, default=0, help="the seed train.py used (--seed)")
+    writer.add_argument("--image-size", type=positive_int, default=48, help="image side in pixels")
+    scorer = commands.add_parser("eval", parents=[checkpoint_flags()],
+                                 help="zero-shot, retrieval and linear probes on the val data, "
+                                      "as train.py runs them at its end")
+    scorer.add_argument("--val-samples", type=positive_int, default=1000,
+                        help="synthetic images per task")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        export(args.out_dir, args.num_images, args.seed, args.image_size)
+        print(f"wrote {args.out_dir}/train, {args.out_dir}/val (class folders by shape) and "
+              f"{args.out_dir}/captions.csv")
+        return
+    try:
+        model, checkpoint = load_model(args.checkpoint, args.device)
+    except DataError as error:
+        parser.error(str(error))
+    train_args = checkpoint["args"]
+    metrics = evaluation(model, Tokenizer(model.config.context_length), args.val_samples,
+                         train_args["seed"], train_args["synthetic_heldout_pairs"], args.device,
+                         args.batch_size)
+    default_output = os.path.join(os.path.dirname(args.checkpoint), "eval_synthetic.json")
+    write_metrics(metrics, args.output or default_output)
 
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description=export.__doc__)
-    parser.add_argument("out_dir", help="folder to write")
-    parser.add_argument("--num-images", type=int, default=500, help="images per split")
-    parser.add_argument("--seed", type=int, default=0, help="the seed train.py used (--seed)")
-    parser.add_argument("--image-size", type=int, default=48, help="image side in pixels")
-    args = parser.parse_args()
-    export(args.out_dir, args.num_images, args.seed, args.image_size)
-    print(f"wrote {args.out_dir}/train, {args.out_dir}/val (class folders by shape) and {args.out_dir}/captions.csv")
+    main()

@@ -3,8 +3,8 @@
     python train.py                                   # xCLIP, tiny model, built-in data, CPU
     torchrun --nproc_per_node=8 train.py --model vit_b16 --loss xclip ...
 
-One plain loop: schedule, forward under autocast, loss, backward, clip, step, log,
-checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0 at the end.
+One plain loop: schedule, batch, step (forward under autocast, loss, backward, clip, AdamW),
+log, checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0.
 """
 import argparse
 import gc
@@ -16,8 +16,8 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,48 +25,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream, Tokenizer,
-                  TrainTransform, expand_shards, make_loader, name_examples)
-from eval import print_table, synthetic_evaluation
+from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
+                  ResumableSampler, TarShardStream, Tokenizer, TrainTransform, expand_shards,
+                  fraction, make_loader, name_examples, non_negative_float, positive_float,
+                  positive_int, stream_seed)
+from eval import print_table
 from losses import REGULARIZERS, Objective
-from model import OBJECTIVES, PRESETS, TwoTowerModel, config_fields, model_config
-from synthetic import SyntheticCaptions
+from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, autocast_context,
+                   default_device, model_config)
+from synthetic import INDICES, SyntheticCaptions, evaluation, zero_shot_evaluation
+
+RANKS = 1 << 16  # radix of the per-rank seed (see data.stream_seed)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
+# ----------------------------------------------------------------------------------------- flags
 
 def build_parser():
     p = OneLineErrorParser(description="Train CLIP, nCLIP or xCLIP (Zhou et al., CVPR 2023).")
@@ -75,30 +47,36 @@ def build_parser():
     p.add_argument("--model", choices=list(PRESETS), default="tiny",
                    help="architecture preset; tiny runs on a CPU, vit_b16 is the paper's")
     model_flags = p.add_argument_group("model fields (override the preset)")
-    for f in config_fields():
+    for f in fields(ModelConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                      help=f.metadata["help"] + f" (default: {f.default})")
         else:
-            model_flags.add_argument(flag, type=positive_int, default=None, help=f.metadata["help"])
+            model_flags.add_argument(flag, type=positive_int, default=None,
+                                     help=f.metadata["help"])
     p.add_argument("--batch-size", type=positive_int, default=128,
-                   help="images per process; the global batch is this times the number of processes")
+                   help="images per process; the global batch is this times the processes")
     p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps")
-    p.add_argument("--lr", type=non_negative_float, default=2e-3,
-                   help="peak learning rate (the default suits the tiny preset; CLIP used 5e-4 for B/16)")
-    p.add_argument("--wd", type=non_negative_float, default=0.2, help="AdamW weight decay on weight matrices")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--lr", type=non_negative_float, default=5e-4,
+                   help="peak learning rate (CLIP's for B/16; on the tiny preset 2e-3 learns "
+                        "no shape)")
+    p.add_argument("--wd", type=non_negative_float, default=0.2,
+                   help="AdamW weight decay on weight matrices")
+    p.add_argument("--warmup", type=int, default=50,
+                   help="linear warm-up steps before the cosine decay")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
     p.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
-    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="max gradient norm (0: off)")
     objective = p.add_argument_group("objective")
     objective.add_argument("--nclip-weight", type=non_negative_float, default=1.0,
                            help="lambda_n in L_xCLIP = L_CLIP + lambda_n L_nCLIP")
     objective.add_argument("--me-max-weight", type=non_negative_float, default=3.0,
-                           help="lambda_me in L_nCLIP = L_pred + lambda_me L_me + lambda_ent L_ent "
-                                "(METHOD.md's choice is 1; 3 balances --entropy-weight, see README)")
+                           help="lambda_me in L_nCLIP = L_pred + lambda_me L_me + lambda_ent "
+                                "L_ent (METHOD.md's choice is 1; 3 balances --entropy-weight, "
+                                "see README)")
     objective.add_argument("--entropy-weight", type=non_negative_float, default=1.0,
                            help="lambda_ent: weight of the mean per-sample entropy mean_i H(p_i), "
                                 "minimized (MSN, TWIST; not in the paper: 0 turns it off)")
@@ -108,22 +86,29 @@ def build_parser():
                            help="tau_t, temperature of the targets q; below tau_s it sharpens them "
                                 "(METHOD.md's choice: 0.04)")
     objective.add_argument("--regularizer", choices=REGULARIZERS, default="memax",
-                           help="nCLIP anti-collapse: memax (the paper's mean-entropy maximization), "
-                                "center (DINO's EMA center), sinkhorn (SwAV's equipartition)")
+                           help="nCLIP anti-collapse: memax (the paper's mean-entropy "
+                                "maximization), center (DINO's EMA center), sinkhorn (SwAV's "
+                                "equipartition)")
     objective.add_argument("--center-momentum", type=fraction, default=0.9,
                            help="EMA momentum of the center for --regularizer center")
     objective.add_argument("--target-grad", action="store_true",
-                           help="let gradient flow through the targets q (ablation; the paper stops it)")
+                           help="let gradient flow through the targets q (ablation; the paper "
+                                "stops it)")
     objective.add_argument("--local-loss", action="store_true",
-                           help="CLIP: score local rows against the global batch only (same gradient, less memory)")
+                           help="CLIP: score local rows against the global batch only (same "
+                                "gradient, less memory)")
     data = p.add_argument_group("data")
     data.add_argument("--train-data", default="synthetic",
-                      help="'synthetic' (built-in), a .csv/.tsv/.jsonl caption table, or webdataset tar "
-                           "shards as img2dataset writes them, e.g. '/data/cc3m/{00000..00331}.tar'")
+                      help="'synthetic' (built-in), a .csv/.tsv/.jsonl caption table, or "
+                           "webdataset tar shards as img2dataset writes them, e.g. "
+                           "'/data/cc3m/{00000..00331}.tar'")
     data.add_argument("--train-num-samples", type=positive_int, default=None,
-                      help="samples in one epoch of tar shards (needed for them; sets where --resume restarts)")
-    data.add_argument("--csv-img-key", default="filepath", help="caption table column with the image path")
-    data.add_argument("--csv-caption-key", default="title", help="caption table column with the caption")
+                      help="samples in one epoch of tar shards (needed for them; sets where "
+                           "--resume restarts)")
+    data.add_argument("--csv-img-key", default="filepath",
+                      help="caption table column with the image path")
+    data.add_argument("--csv-caption-key", default="title",
+                      help="caption table column with the caption")
     data.add_argument("--csv-separator", default=None,
                       help="caption table separator (default: tab for .tsv, else comma)")
     data.add_argument("--shuffle-buffer", type=positive_int, default=1000,
@@ -133,13 +118,16 @@ def build_parser():
     data.add_argument("--synthetic-unrelated-fraction", type=fraction, default=0.05,
                       help="synthetic captions of another image")
     data.add_argument("--synthetic-heldout-pairs", type=int, default=4,
-                      help="(color, shape) pairs never shown in training, for compositional zero-shot")
+                      help="(color, shape) pairs never shown in training, for compositional "
+                           "zero-shot")
     data.add_argument("--min-crop-scale", type=fraction, default=None,
-                      help="smallest area fraction of the random resized crop (default: 0.5, as CLIP "
-                           "recipes use on photos; 0.8 on the synthetic data, whose objects sit near edges)")
+                      help="smallest area fraction of the random resized crop (default: 0.5, as "
+                           "CLIP recipes use on photos; 0.8 on the synthetic data, whose objects "
+                           "sit near edges)")
     data.add_argument("--workers", type=int, default=1, help="data-loader processes per rank")
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", default="out", help="checkpoints, log.jsonl and final_metrics.json go here")
+    run.add_argument("--out-dir", default="out",
+                     help="checkpoints, log.jsonl and final_metrics.json go here")
     run.add_argument("--resume", default=None, help="checkpoint to continue from")
     run.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -149,9 +137,22 @@ def build_parser():
     run.add_argument("--grad-checkpointing", action="store_true",
                      help="recompute transformer blocks in backward: less memory, more time")
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    run.add_argument("--save-every", type=positive_int, default=500, help="steps between checkpoints")
-    run.add_argument("--val-samples", type=int, default=1000, help="synthetic val images per eval task")
+    run.add_argument("--save-every", type=positive_int, default=500,
+                     help="steps between checkpoints")
+    run.add_argument("--val-samples", type=positive_int, default=1000,
+                     help="synthetic val images per eval task")
+    run.add_argument("--val-every", type=int, default=0,
+                     help="steps between zero-shot evaluations on the built-in val data during "
+                          "training, logged to log.jsonl under final_metrics.json's keys (0: off)")
     return p
+
+
+
+
+def model_config_from_args(args):
+    """The --model preset with every model-field flag that was given."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
+    return model_config(args.model, **overrides)
 
 
 def fail(message):
@@ -168,19 +169,14 @@ def check_writable(directory):
         fail(f"--out-dir {directory} is not writable: {error.strerror or error}")
 
 
-def learning_rate(step, args):
-    """Linear warm-up to --lr, then cosine decay to 0 at --steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
+# ----------------------------------------------------------------------------------------- setup
 
 def setup_distributed(device_arg):
     """(rank, world_size, device) from the torchrun environment, or a single process."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_arg or default_device()
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -198,85 +194,117 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
     sampler = None
     if args.train_data == "synthetic":
         dataset = SyntheticCaptions(
-            "train", 2**40, args.seed, image_size, transform, tokenizer, args.synthetic_loose_fraction,
-            args.synthetic_unrelated_fraction, args.synthetic_heldout_pairs)
-        sampler = ResumableSampler(None, args.batch_size, rank, world_size, start_sample, args.seed, finite=False)
+            "train", INDICES, args.seed, image_size, transform, tokenizer,
+            args.synthetic_loose_fraction, args.synthetic_unrelated_fraction,
+            args.synthetic_heldout_pairs)
+        sampler = ResumableSampler(None, args.batch_size, rank, world_size, start_sample,
+                                   args.seed, finite=False)
     elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
         dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
                                       args.csv_caption_key, args.csv_separator)
-        sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample, args.seed)
+        sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample,
+                                   args.seed)
     else:
-        shards = expand_shards(args.train_data)
-        missing = [path for path in shards if not os.path.isfile(path)]
-        if missing:
-            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: {name_examples(missing)}")
-        if not args.train_num_samples:
-            raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
-        epoch, position = divmod(start_sample, args.train_num_samples)
-        dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed, args.shuffle_buffer,
-                                 epoch, position / args.train_num_samples)
-    return make_loader(dataset, args.batch_size, sampler, args.workers, pin_memory=torch.cuda.is_available())
+        dataset = tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample)
+    return make_loader(dataset, args.batch_size, sampler, args.workers,
+                       pin_memory=torch.cuda.is_available())
+
+
+def tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample):
+    shards = expand_shards(args.train_data)
+    missing = [path for path in shards if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: "
+                        f"{name_examples(missing)}")
+    if not args.train_num_samples:
+        raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
+    epoch, position = divmod(start_sample, args.train_num_samples)
+    return TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed,
+                          args.shuffle_buffer, epoch, position / args.train_num_samples)
 
 
 def build_model(args, device):
-    """Model, objective (with its state: centers) and optimizer for train.py's flags; the
-    same initial weights on every rank."""
+    """Model, objective (with its state: DINO's centers) and optimizer for train.py's
+    flags; the same initial weights on every rank."""
     torch.manual_seed(args.seed)
-    config = model_config(args.model, **{f.name: getattr(args, f.name) for f in config_fields()})
+    config = model_config_from_args(args)
     model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
     objective = Objective(
-        args.loss, config.num_prototypes, nclip_weight=args.nclip_weight, local_loss=args.local_loss,
-        student_temp=args.student_temp, teacher_temp=args.teacher_temp,
-        me_max_weight=args.me_max_weight, entropy_weight=args.entropy_weight,
-        regularizer=args.regularizer, center_momentum=args.center_momentum,
-        target_grad=args.target_grad).to(device)
+        args.loss, config.num_prototypes, nclip_weight=args.nclip_weight,
+        local_loss=args.local_loss, student_temp=args.student_temp,
+        teacher_temp=args.teacher_temp, me_max_weight=args.me_max_weight,
+        entropy_weight=args.entropy_weight, regularizer=args.regularizer,
+        center_momentum=args.center_momentum, target_grad=args.target_grad).to(device)
     if args.grad_checkpointing:
-        model.set_grad_checkpointing()
+        model.enable_grad_checkpointing()
     optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
     return model, objective, optimizer
 
 
-def autocast_context(precision, device):
-    """bf16 autocast for --precision bf16, or auto on a GPU; plain fp32 otherwise."""
-    device_type = torch.device(device).type
-    use_bf16 = precision == "bf16" or (precision == "auto" and device_type == "cuda")
-    return torch.autocast(device_type, torch.bfloat16) if use_bf16 else nullcontext()
+@dataclass
+class Trainee:
+    """What a training step updates: the model, the module the step calls (the model, or
+    its DDP and/or compiled wrapper), the objective and the optimizer, and how it steps."""
+    model: TwoTowerModel
+    train_model: Any
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    autocast: Any
+    grad_clip: float
 
 
-def train_step(model, train_model, objective, optimizer, images, tokens, autocast, grad_clip):
+# -------------------------------------------------------------------------------------- the step
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr, then cosine decay to 0 at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(trainee, images, tokens):
     """Forward under autocast, loss, backward, clip, AdamW step, clamp the logit scale.
-    `train_model` is `model`, or its DDP and/or compiled wrapper. Nothing here waits for
-    the device: loss, metrics and grad norm stay tensors until the logging step reads them."""
-    with autocast:
-        loss, metrics = objective(train_model(images, tokens))
+    Nothing here waits for the device: the metrics stay tensors until a log line reads
+    them. -> {"loss", "grad_norm", and the objective's metrics}"""
+    with trainee.autocast:
+        loss, metrics = trainee.objective(trainee.train_model(images, tokens))
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.clamp_logit_scale()
-    return loss, metrics, grad_norm
+    max_norm = trainee.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
+    trainee.optimizer.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.model.clamp_logit_scale()
+    return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
 
 
-def save_checkpoint(path, model, objective, optimizer, step, args):
+# ---------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, trainee, step, args):
     """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     checkpoint = {
-        "model": model.state_dict(), "objective_state": objective.state_dict(),
-        "optimizer": optimizer.state_dict(), "step": step, "args": vars(args),
-        "model_config": asdict(model.config), "objective": model.objective,
+        "model": trainee.model.state_dict(),
+        "objective_state": trainee.objective.state_dict(),
+        "optimizer": trainee.optimizer.state_dict(),
+        "step": step,
+        "args": vars(args),
+        "model_config": asdict(trainee.model.config),
+        "objective": trainee.model.objective,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "python": random.getstate(), "cuda": cuda_rng},
     }
     temporary = path + ".tmp"
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
 
 
-def load_checkpoint(path, model, objective, optimizer):
+def restore_checkpoint(path, trainee):
+    """Load the training state saved at `path` into `trainee`; -> its step."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    objective.load_state_dict(checkpoint["objective_state"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    trainee.model.load_state_dict(checkpoint["model"])
+    trainee.objective.load_state_dict(checkpoint["objective_state"])
+    trainee.optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     np.random.set_state(checkpoint["rng"]["numpy"])
     random.setstate(checkpoint["rng"]["python"])
@@ -285,14 +313,7 @@ def load_checkpoint(path, model, objective, optimizer):
     return checkpoint["step"]
 
 
-def reduce_metrics(metrics, world_size):
-    """Average a dict of scalar tensors over ranks with one all-reduce, then one sync."""
-    values = torch.stack([v.float() for v in metrics.values()])
-    if world_size > 1:
-        dist.all_reduce(values)
-        values /= world_size
-    return dict(zip(metrics, values.tolist()))
-
+# -------------------------------------------------------------------------------------- logging
 
 stop_signal = None
 
@@ -303,93 +324,165 @@ def request_stop(signum, frame):
     stop_signal = signum
 
 
+class TrainingLog:
+    """Sums the step metrics on the device between log lines; a log line averages them
+    over its steps and over ranks in one all-reduce (the loop's only host sync), adds
+    the heads' norms and the skip counts, and on rank 0 appends it to log.jsonl and
+    shows it on the progress bar. The all-reduce also agrees across ranks on stopping."""
+
+    BAR_KEYS = ("loss", "lr", "logit_scale", "nclip/image_perplexity", "nclip/information",
+                "nclip/same_prototype")
+
+    def __init__(self, path, global_batch, world_size, device, is_main, bar):
+        self.path, self.global_batch = path, global_batch
+        self.world_size, self.device = world_size, device
+        self.is_main, self.bar = is_main, bar
+        self.sums, self.steps, self.started = {}, 0, time.time()
+        self.last = {}
+        self.zero_shot_shape = None  # the last evaluation's shape top-1, for the bar
+
+    def add(self, step_metrics):
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in step_metrics.items()}
+        self.steps += 1
+
+    def write(self, step, lr, skipped, extra):
+        """One log line; -> whether some rank was asked to stop."""
+        averaged = {k: v / self.steps for k, v in self.sums.items()}
+        stop = torch.tensor(float(stop_signal is not None), device=self.device)
+        # skip counts are summed over ranks: a mean times the number of ranks
+        skips = {f"skipped/{reason}": count.to(self.device) * self.world_size
+                 for reason, count in zip(SKIP_REASONS, skipped)}
+        line = self.reduce({**averaged, **extra, "stop": stop, **skips})
+        now = time.time()
+        samples = self.steps * self.global_batch
+        line.update(step=step, lr=lr, samples_per_second=samples / (now - self.started))
+        self.sums, self.steps, self.started = {}, 0, now
+        stopping = line.pop("stop") > 0
+        self.last = line
+        if self.is_main:
+            self.show(line)
+            self.append(line)
+        return stopping
+
+    def reduce(self, metrics):
+        values = torch.stack([v.float() for v in metrics.values()])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(metrics, values.tolist()))
+
+    def show(self, line):
+        shown = {k.split("/")[-1]: f"{line[k]:.3g}" for k in self.BAR_KEYS if k in line}
+        shown["skipped"] = int(sum(line[f"skipped/{reason}"] for reason in SKIP_REASONS))
+        if self.zero_shot_shape is not None:
+            shown["shape"] = f"{self.zero_shot_shape:.3f}"
+        self.bar.set_postfix(shown)
+
+    def append(self, line):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def skip_counts(self):
+        return {k: int(v) for k, v in self.last.items() if k.startswith("skipped/")}
+
+
+def evaluate_during_training(trainee, tokenizer, args, device, log, step):
+    """Zero-shot on the built-in val data, on rank 0 while the others wait, logged under
+    final_metrics.json's keys. It draws no random numbers from the training's
+    generators and leaves the model in training mode."""
+    if log.is_main:
+        cuda_devices = [device] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            metrics = zero_shot_evaluation(trainee.model, tokenizer, args.val_samples, args.seed,
+                                           args.synthetic_heldout_pairs, device)
+        trainee.model.train()
+        log.zero_shot_shape = metrics["zeroshot/shape/top1"]
+        log.append({"step": step, **metrics})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def final_evaluation(trainee, tokenizer, args, device, skip_counts, checkpoint_path):
+    """All three tasks on the built-in val data (rank 0), printed and written to
+    final_metrics.json with the skip counts."""
+    metrics = dict(skip_counts)
+    counts = ", ".join(f"{k.split('/')[1]} {v}" for k, v in skip_counts.items())
+    print(f"bad samples skipped: {counts}")
+    if args.train_data == "synthetic":
+        metrics.update(evaluation(trainee.model, tokenizer, args.val_samples, args.seed,
+                                  args.synthetic_heldout_pairs, device))
+    else:
+        print(f"evaluate on your own data with: python eval.py TASK --checkpoint "
+              f"{checkpoint_path} ...")
+    metrics_path = os.path.join(args.out_dir, "final_metrics.json")
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"final metrics ({metrics_path}):")
+    print_table(metrics)
+
+
+# ------------------------------------------------------------------------------------- the loop
+
 def train(args):
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     if is_main:
         check_writable(args.out_dir)
     model, objective, optimizer = build_model(args, device)
-    config = model.config
-    start_step = load_checkpoint(args.resume, model, objective, optimizer) if args.resume else 0
-    torch.manual_seed(args.seed + 1_000_003 * rank + start_step)
-    tokenizer = Tokenizer(config.context_length)
-    loader = build_train_loader(args, config.image_size, tokenizer, rank, world_size,
-                                start_sample=start_step * args.batch_size * world_size)
-
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
-    autocast = autocast_context(args.precision, device)
-
-    log_path = os.path.join(args.out_dir, "log.jsonl")
+    trainee = Trainee(model, train_model, objective, optimizer,
+                      autocast_context(device, args.precision), args.grad_clip)
+    start_step = restore_checkpoint(args.resume, trainee) if args.resume else 0
+    torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
+    tokenizer = Tokenizer(model.config.context_length)
+    global_batch = args.batch_size * world_size
+    loader = build_train_loader(args, model.config.image_size, tokenizer, rank, world_size,
+                                start_sample=start_step * global_batch)
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     if is_main:
         print(f"{args.loss} | {args.model}: {model.num_params() / 1e6:.2f}M parameters | "
-              f"global batch {args.batch_size * world_size} on {world_size} x {device}", flush=True)
+              f"global batch {global_batch} on {world_size} x {device}", flush=True)
     bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
-    batches, last_log_time, logged = iter(loader), time.time(), {}
-    interval_sums, interval_steps = {}, 0  # step metrics since the last log line, on the device
-    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over, this rank
+    log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), global_batch, world_size, device,
+                      is_main, bar)
+    batches = iter(loader)
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over here
     for step in range(start_step, args.steps):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, tokens, skipped_now = next(batches)
         skipped += skipped_now.sum(dim=0)
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        loss, metrics, grad_norm = train_step(model, train_model, objective, optimizer, images, tokens,
-                                              autocast, args.grad_clip)
-        step_metrics = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
-        interval_sums = {k: interval_sums.get(k, 0) + v for k, v in step_metrics.items()}
-        interval_steps += 1
+        log.add(train_step(trainee, images.to(device, non_blocking=True),
+                           tokens.to(device, non_blocking=True)))
         bar.update(1)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            # The only host sync of the loop; it also agrees across ranks on stopping.
-            averaged = {k: v / interval_steps for k, v in interval_sums.items()}
-            logged = reduce_metrics({**averaged, **model.head_norms(),
-                                     "stop": torch.tensor(float(stop_signal is not None), device=device),
-                                     # summed over ranks, as a mean times the number of ranks
-                                     **{f"skipped/{r}": n.to(device) * world_size
-                                        for r, n in zip(SKIP_REASONS, skipped)}},
-                                    world_size)
-            now = time.time()
-            logged.update(step=step + 1, lr=lr, samples_per_second=interval_steps * args.batch_size
-                          * world_size / (now - last_log_time))
-            last_log_time, interval_sums, interval_steps = now, {}, 0
-            if is_main:
-                bar.set_postfix({k.split("/")[-1]: f"{logged[k]:.3g}" for k in
-                                 ("loss", "lr", "logit_scale", "nclip/image_perplexity",
-                                  "nclip/information", "nclip/same_prototype") if k in logged},
-                                skipped=int(sum(logged[f"skipped/{r}"] for r in SKIP_REASONS)))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(logged) + "\n")
-            if logged.pop("stop") > 0:  # Ctrl-C or SIGTERM: keep what was learned, then stop
-                if is_main:
-                    save_checkpoint(checkpoint_path, model, objective, optimizer, step + 1, args)
-                    print(f"\nstopped by a signal: saved step {step + 1} to {checkpoint_path}; "
-                          "continue with --resume", file=sys.stderr)
-                sys.exit(128 + (stop_signal or signal.SIGTERM))
-        if is_main and (step + 1) % args.save_every == 0:
-            save_checkpoint(checkpoint_path, model, objective, optimizer, step + 1, args)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            if log.write(done, lr, skipped, model.head_norms()):
+                stop_on_signal(trainee, checkpoint_path, done, args, is_main)
+        if args.val_every and done % args.val_every == 0 and args.train_data == "synthetic":
+            evaluate_during_training(trainee, tokenizer, args, device, log, done)
+        if is_main and done % args.save_every == 0:
+            save_checkpoint(checkpoint_path, trainee, done, args)
     bar.close()
     if is_main:
-        save_checkpoint(checkpoint_path, model, objective, optimizer, args.steps, args)
-        metrics = {k: int(v) for k, v in logged.items() if k.startswith("skipped/")}
-        print("bad samples skipped: " + ", ".join(f"{k.split('/')[1]} {v:.0f}" for k, v in metrics.items()))
-        if args.train_data == "synthetic":
-            metrics.update(synthetic_evaluation(model, tokenizer, args.val_samples, args.seed,
-                                                args.synthetic_heldout_pairs, device))  # all three tasks
-        else:
-            print(f"evaluate on your own data with: python eval.py --checkpoint {checkpoint_path} ...")
-        metrics_path = os.path.join(args.out_dir, "final_metrics.json")
-        with open(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=1)
-        print(f"final metrics ({metrics_path}):")
-        print_table(metrics)
+        save_checkpoint(checkpoint_path, trainee, args.steps, args)
+        final_evaluation(trainee, tokenizer, args, device, log.skip_counts(), checkpoint_path)
     if world_size > 1:
-        del train_model
+        del trainee, train_model
         gc.collect()  # DDP's reducer goes before its process group, not in interpreter teardown
         dist.destroy_process_group()
+
+
+def stop_on_signal(trainee, checkpoint_path, step, args, is_main):
+    """Ctrl-C or SIGTERM reached some rank: keep what was learned, then exit."""
+    if is_main:
+        save_checkpoint(checkpoint_path, trainee, step, args)
+        print(f"\nstopped by a signal: saved step {step} to {checkpoint_path}; "
+              "continue with --resume", file=sys.stderr)
+    sys.exit(128 + (stop_signal or signal.SIGTERM))
 
 
 def main():

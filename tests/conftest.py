@@ -1,9 +1,38 @@
-"""Data files the tests write themselves: tar shards as img2dataset lays them out."""
+"""What the tests share: the small model they train, how they run a script, and the data
+files they write themselves (tar shards as img2dataset lays them out)."""
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 from PIL import Image
+
+from model import model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The model the tests train with train.py and claims.py: seconds per run on a laptop CPU,
+# yet large enough to learn color from the built-in data in a hundred steps.
+SMALL_MODEL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "64",
+               "--text-width", "64", "--embed-dim", "64", "--head-hidden-dim", "128",
+               "--num-prototypes", "16", "--workers", "0"]
+
+
+def small_config(**overrides):
+    """The same small model for tests that build it in process, on 16-pixel images,
+    8-token captions and a 1000-token vocabulary (end of text: 999)."""
+    fields = dict(vision_layers=1, text_layers=1, vision_width=32, text_width=32, vision_heads=2,
+                  text_heads=2, embed_dim=16, num_prototypes=16, head_hidden_dim=32,
+                  head_bottleneck_dim=16, vocab_size=1000, eot_token_id=999, image_size=16,
+                  patch_size=8, context_length=8)
+    return model_config("tiny", **{**fields, **overrides})
+
+
+def run_script(script, *flags, timeout=600):
+    """python SCRIPT FLAGS in the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def jpeg_bytes(color, size=(40, 30)):

@@ -1,37 +1,36 @@
 """bench.py as a user runs it, and the FLOP count its MFU rests on."""
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
+import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import flops_per_sample, synthetic_batch
+from conftest import run_script
 from losses import Objective
 from model import OBJECTIVES, TwoTowerModel, model_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train import Trainee, train_step
 
 
 def run_bench(*flags):
-    return subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_script("bench.py", *flags, timeout=300)
 
 
 def test_bench_prints_its_figures_on_cpu():
-    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1", "--steps", "2",
-                       "--vision-layers", "1", "--text-layers", "1")
+    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1",
+                       "--steps", "2", "--vision-layers", "1", "--text-layers", "1")
     assert result.returncode == 0, result.stderr
-    for figure in ("ms/step:", "samples/s:", "peak memory:", "model FLOPs/sample:", "MFU: not reported"):
+    for figure in ("ms/step:", "samples/s:", "peak memory:", "model FLOPs/sample:",
+                   "MFU: not reported"):
         assert figure in result.stdout
 
 
 def test_bench_reports_mfu_against_a_given_peak():
-    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1", "--steps", "1",
-                       "--vision-layers", "1", "--text-layers", "1", "--peak-tflops", "1")
+    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1",
+                       "--steps", "1", "--vision-layers", "1", "--text-layers", "1",
+                       "--peak-tflops", "1")
     assert result.returncode == 0, result.stderr
     assert "% of 1 TFLOP/s" in result.stdout
 
@@ -46,14 +45,16 @@ def test_bad_flag_is_one_line_and_exit_code_2():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_flop_count_matches_torch_flop_counter(objective):
     config, batch_size = model_config("tiny", vision_layers=2, text_layers=2), 4
-    model, loss_fn = TwoTowerModel(config, objective), Objective(objective, config.num_prototypes)
+    model = TwoTowerModel(config, objective)
+    loss_fn = Objective(objective, config.num_prototypes)
     images, tokens = synthetic_batch(config, batch_size, "cpu")
     counter = FlopCounterMode(display=False)
     # The math backend spells attention out in matmuls, which the counter sees.
     with counter, sdpa_kernel(SDPBackend.MATH):
         loss, _ = loss_fn(model(images, tokens))
         loss.backward()
-    assert counter.get_total_flops() == flops_per_sample(config, objective, batch_size) * batch_size
+    expected = flops_per_sample(config, objective, batch_size) * batch_size
+    assert counter.get_total_flops() == expected
 
 
 def test_synthetic_captions_end_in_one_end_of_text_token_then_padding():
@@ -70,15 +71,15 @@ def test_compiled_step_has_one_graph_and_no_recompiles(objective):
     """What --compile compiles: the model, in one graph (fullgraph raises at a graph break),
     that later steps reuse (error_on_recompile raises at a recompile). The eager backend
     traces exactly as inductor does, without generating code."""
-    import torch._dynamo
-    from train import train_step
     config = model_config("tiny", vision_layers=1, text_layers=1)
-    model, loss_fn = TwoTowerModel(config, objective), Objective(objective, config.num_prototypes)
+    model = TwoTowerModel(config, objective)
     optimizer = model.configure_optimizers(1e-3, 0.1, (0.9, 0.98), 1e-6)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
+    trainee = Trainee(model, compiled, Objective(objective, config.num_prototypes), optimizer,
+                      nullcontext(), 1.0)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
             images, tokens = synthetic_batch(config, 4, "cpu")
-            loss, _, _ = train_step(model, compiled, loss_fn, optimizer, images, tokens, nullcontext(), 1.0)
-    assert torch.isfinite(loss)
+            metrics = train_step(trainee, images, tokens)
+    assert torch.isfinite(metrics["loss"])

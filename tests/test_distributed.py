@@ -14,18 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import write_tar_shards
+from conftest import ROOT, SMALL_MODEL, small_config, write_tar_shards
 from losses import Objective
-from model import TwoTowerModel, model_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLOBAL_BATCH, EOT = 8, 999
-
-
-def small_config():
-    return model_config("tiny", vision_layers=1, text_layers=1, vision_width=32, text_width=32, vision_heads=2,
-                        text_heads=2, embed_dim=16, num_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16,
-                        vocab_size=1000, eot_token_id=EOT, image_size=16, patch_size=8, context_length=8)
+from model import TwoTowerModel
+GLOBAL_BATCH, EOT = 8, 999  # the small config's end-of-text token
 
 
 def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
@@ -35,7 +27,7 @@ def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
     # float64: the nCLIP gradients reach the hundreds at this size, where float32 rounding
     # alone differs between a sum over 8 rows and two sums over 4.
     model = TwoTowerModel(small_config(), objective_name).double()
-    objective = Objective(objective_name, num_prototypes=64, local_loss=local_loss)
+    objective = Objective(objective_name, num_prototypes=16, local_loss=local_loss)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator, dtype=torch.float64)
     tokens = torch.randint(0, EOT, (GLOBAL_BATCH, 8), generator=generator)
@@ -67,11 +59,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("objective_name,local_loss", [("clip", False), ("clip", True), ("nclip", False),
-                                                       ("xclip", False)])
-def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, objective_name, local_loss):
+@pytest.mark.parametrize("objective_name,local_loss",
+                         [("clip", False), ("clip", True), ("nclip", False), ("xclip", False)])
+def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, objective_name,
+                                                              local_loss):
     result_path = str(tmp_path / "two_ranks.pt")
-    mp.spawn(rank_main, args=(2, free_port(), objective_name, local_loss, result_path), nprocs=2)
+    mp.spawn(rank_main, args=(2, free_port(), objective_name, local_loss, result_path),
+             nprocs=2)
     loss, gradients = torch.load(result_path)
     expected_loss, expected_gradients = loss_and_gradients(objective_name, local_loss)
     torch.testing.assert_close(loss, expected_loss, atol=1e-10, rtol=1e-10)
@@ -83,11 +77,10 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, objectiv
 def test_torchrun_two_ranks_on_tar_shards_with_bad_samples(tmp_path):
     write_tar_shards(str(tmp_path), num_shards=4, per_shard=8, truncated={3}, empty_caption={21})
     out_dir = str(tmp_path / "out")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "train.py", *SMALL_MODEL,
                "--train-data", str(tmp_path / "{00000..00003}.tar"), "--train-num-samples", "32",
                "--shuffle-buffer", "4", "--steps", "8", "--batch-size", "4", "--workers", "1",
-               "--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
-               "--embed-dim", "16", "--num-prototypes", "64", "--head-hidden-dim", "32",
                "--log-every", "2", "--out-dir", out_dir]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

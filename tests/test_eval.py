@@ -2,8 +2,6 @@
 independent brute-force versions, and the command line on a checkpoint of a short run."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,14 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image, open_image,
-                  read_caption_table, read_image_folder)
-from eval import (fit_logistic_regression, image_features, linear_probe, retrieval_recall, zero_shot_accuracy,
-                  zero_shot_classifier)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
-              "--embed-dim", "32", "--num-prototypes", "64", "--head-hidden-dim", "64"]
+from conftest import SMALL_MODEL, run_script
+from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image,
+                  open_image, read_caption_table, read_image_folder)
+from eval import (fit_logistic_regression, image_features, linear_probe, retrieval_recall,
+                  zero_shot_accuracy, zero_shot_classifier)
 
 
 def write_image(path, color, size=(12, 10)):
@@ -203,8 +198,8 @@ def test_logistic_regression_is_fit_to_convergence():
 
 @pytest.mark.parametrize("l2", [1e-4, 1e-2, 1.0])
 def test_logistic_regression_matches_scikit_learn(l2):
-    """The reference check of issue 3, run where scikit-learn is installed (it is not a
-    dependency): /tmp/sk-venv/bin/python -m pytest tests/test_eval.py -k scikit"""
+    """Against scikit-learn where it is installed (it is not a dependency):
+    pytest tests/test_eval.py -k scikit in a virtualenv that has it."""
     sklearn = pytest.importorskip("sklearn.linear_model")
     generator = torch.Generator().manual_seed(0)
     (train_x, train_y), (test_x, test_y) = overlapping_blobs(600, generator), overlapping_blobs(600, generator)
@@ -219,9 +214,8 @@ def test_logistic_regression_matches_scikit_learn(l2):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("run")
-    result = subprocess.run([sys.executable, "train.py", *TINY_MODEL, "--steps", "3", "--batch-size", "8",
-                             "--val-samples", "16", "--workers", "0", "--out-dir", str(out_dir)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script("train.py", *SMALL_MODEL, "--steps", "3", "--batch-size", "8",
+                        "--val-samples", "16", "--out-dir", str(out_dir), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out_dir / "final_metrics.json").read_text())
     assert {"zeroshot/shape/top1", "retrieval/synthetic/text_to_image/R@10",
@@ -230,8 +224,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run_eval(*flags):
-    return subprocess.run([sys.executable, "eval.py", *flags, "--workers", "0"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("eval.py", *flags, "--workers", "0", timeout=300)
 
 
 def test_cli_zeroshot_on_a_folder_with_a_corrupt_image(checkpoint, tmp_path):
@@ -281,8 +274,9 @@ def test_cli_linear_probe_with_a_feature_cache(checkpoint, tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 4  # features and indices of each split
 
 
-def test_cli_without_a_task_evaluates_the_synthetic_val_data(checkpoint, tmp_path):
-    result = run_eval("--checkpoint", checkpoint, "--val-samples", "16", "--output", str(tmp_path / "s.json"))
+def test_synthetic_eval_command_scores_a_checkpoint_on_the_built_in_data(checkpoint, tmp_path):
+    result = run_script("synthetic.py", "eval", "--checkpoint", checkpoint, "--val-samples", "16",
+                        "--workers", "0", "--output", str(tmp_path / "s.json"), timeout=300)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "s.json").read_text())
     assert {"zeroshot/color/top1", "retrieval/synthetic/image_to_text/R@1",

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_config
 from model import OBJECTIVES, PRESETS, TwoTowerModel, model_config
 
 
@@ -59,9 +60,7 @@ def test_preset_fields_can_be_overridden():
 
 def small_model(objective="xclip"):
     torch.manual_seed(0)
-    config = model_config("tiny", vision_layers=1, text_layers=1, vocab_size=1000,
-                          eot_token_id=999, image_size=16, context_length=8)
-    return TwoTowerModel(config, objective).eval()
+    return TwoTowerModel(small_config(), objective).eval()
 
 
 def test_forward_shapes_and_unit_norm_embeddings():
@@ -127,8 +126,7 @@ def test_evaluation_subtracts_the_running_center_of_the_training_batches():
 
 
 def test_uncentered_prototype_logits_are_cosines():
-    config = model_config("tiny", vision_layers=1, text_layers=1, vocab_size=1000, eot_token_id=999,
-                          image_size=16, context_length=8, center_prototype_logits=False)
+    config = small_config(center_prototype_logits=False)
     model = TwoTowerModel(config, "nclip")
     _, logits = model.image_head(torch.randn(4, config.vision_width))
     assert logits.abs().max() <= 1 + 1e-6

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import sys
 import tarfile
 
 import numpy as np
@@ -33,6 +34,20 @@ def positive_int(text):
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def below_one(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -152,13 +167,35 @@ class EvalTransform:
 
 # ----------------------------------------------------------------------------- files on disk
 
-def open_image(path):
-    """The image at `path` as RGB, or None when it is missing, truncated or corrupt."""
+# Larger images are refused before they are decoded (a 12000 x 12000 PNG takes 1.6 GB).
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
+def open_image(path, size=None):
+    """The image at `path` as RGB, or None when it is missing, truncated, corrupt or over
+    MAX_IMAGE_PIXELS. A JPEG is decoded at the smallest scale that keeps its shorter side
+    at least `size`. High-bit-depth images are scaled to 8 bits, not clipped."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return None
+            if size and image.format == "JPEG":
+                scale = min(image.width, image.height) / size
+                wanted = (math.ceil(image.width / scale), math.ceil(image.height / scale))
+                image.draft("RGB", wanted)
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
+
+
+def to_rgb(image):
+    """Pillow's convert("RGB") clips 16-bit and float images to white; scale them first."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else max(float(pixels.max()), 1.0)
+        gray = np.clip(pixels / top * 255, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
 
 
 def read_caption_table(path, image_key="filepath", caption_key="title", separator=None):
@@ -168,22 +205,29 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
     if not os.path.isfile(path):
         raise DataError(f"caption file not found: {path}")
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            try:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
                 rows = [json.loads(line) for line in f if line.strip()]
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: not JSON lines ({error})") from None
-        else:
-            separator = separator or ("\t" if path.endswith(".tsv") else ",")
-            rows = list(csv.DictReader(f, delimiter=separator))
+            else:
+                separator = separator or ("\t" if path.endswith(".tsv") else ",")
+                rows = list(csv.DictReader(f, delimiter=separator))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not JSON lines ({error})") from None
     if not rows:
         raise DataError(f"{path}: no rows")
-    missing = [key for key in (image_key, caption_key) if key not in rows[0]]
-    if missing:
-        wanted, have = ", ".join(map(repr, missing)), ", ".join(rows[0])
-        raise DataError(f"{path}: no column {wanted} (have {have})")
-    return [(os.path.join(folder, row[image_key]), row[caption_key] or "") for row in rows]
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number} is not an object")
+        missing = [key for key in (image_key, caption_key) if row.get(key) is None]
+        if missing:
+            wanted, have = ", ".join(map(repr, missing)), ", ".join(row)
+            where = "no column" if number == 1 else f"row {number} has no"
+            raise DataError(f"{path}: {where} {wanted} (have {have})")
+    return [(os.path.normpath(os.path.join(folder, str(row[image_key]))), str(row[caption_key]))
+            for row in rows]
 
 
 # Image files read from folders; in tar shards, the first of these beside a caption.
@@ -219,8 +263,13 @@ def read_lines(path, expected_count=None):
     """The non-blank lines of a text file (class names, prompt templates)."""
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not lines:
+        raise DataError(f"{path}: no lines")
     if expected_count is not None and len(lines) != expected_count:
         raise DataError(f"{path}: {len(lines)} lines, expected {expected_count}")
     return lines
@@ -228,7 +277,14 @@ def read_lines(path, expected_count=None):
 
 def group_captions_by_image(pairs):
     """(image path, caption) rows -> (image paths, captions, image index of each caption),
-    images in order of first appearance; every image must exist."""
+    images in order of first appearance; every image must exist. A row that repeats an
+    (image, caption) pair is dropped and reported: it would count twice in the recall.
+    Paths are compared as spelled after normalization (./a/x.png is a/x.png)."""
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):
+        print(f"dropped {len(pairs) - len(unique)} repeated (image, caption) row(s)",
+              file=sys.stderr)
+    pairs = unique
     image_index = {}
     for path, _ in pairs:
         image_index.setdefault(path, len(image_index))
@@ -269,32 +325,44 @@ def collate_readable(batch):
 # training loop while every batch keeps its size.
 
 SKIP_REASONS = ("bad_image", "bad_caption", "bad_shard")
-EPOCHS, RANKS, WORKERS = 100_003, 1 << 16, 1 << 10  # radices of the data-order seeds
+EPOCHS, RANKS, WORKERS, ROWS = 100_003, 1 << 16, 1 << 10, 1 << 40  # radices of data seeds
 
 
 def no_skips():
     return torch.zeros(len(SKIP_REASONS), dtype=torch.long)
 
 
+def skip_text(skipped):
+    """'skipped: bad_image 3, bad_caption 0, bad_shard 1' from counts by SKIP_REASONS."""
+    return "skipped: " + ", ".join(f"{r} {int(n)}" for r, n in zip(SKIP_REASONS, skipped))
+
+
 class CaptionTableDataset(Dataset):
     """Training pairs from a CSV/TSV/JSONL caption table. A pair whose image will not
-    decode or whose caption is empty is passed over for the next row, and counted."""
+    decode or whose caption is empty is passed over for the next row, and counted.
+
+    Item `epoch * len(table) + row` (what ResumableSampler yields) is that row with the
+    crop drawn from a generator seeded by (seed, epoch, row): the same on every run and
+    every resume, whichever worker reads it."""
 
     def __init__(self, path, transform, tokenizer, image_key="filepath", caption_key="title",
-                 separator=None):
+                 separator=None, seed=0):
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
         self.pairs = read_caption_table(path, image_key, caption_key, separator)
+        self.seed = seed
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        epoch, index = divmod(item, len(self.pairs))
+        rng = random.Random(stream_seed(self.seed, (epoch, EPOCHS), (index, ROWS)))
         skipped = no_skips()
         for offset in range(len(self.pairs)):
             image_path, caption = self.pairs[(index + offset) % len(self.pairs)]
-            image = open_image(image_path) if caption.strip() else None
+            image = open_image(image_path, self.transform.size) if caption.strip() else None
             if image is not None:
-                return self.transform(image), self.tokenizer([caption])[0], skipped
+                return self.transform(image, rng), self.tokenizer([caption])[0], skipped
             skipped[SKIP_REASONS.index("bad_caption" if not caption.strip() else "bad_image")] += 1
         raise DataError(f"{self.path}: not one readable image with a caption")
 
@@ -309,7 +377,10 @@ def expand_shards(pattern):
         return [pattern]
     body = match.group(1)
     if ".." in body:
-        first, last = body.split("..")
+        first, last = body.split("..", 1)
+        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise DataError(f"shard pattern {pattern!r}: {{{body}}} is not a range "
+                            "{first..last} of numbers with first <= last")
         options = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
     else:
         options = body.split(",")
@@ -357,6 +428,7 @@ class TarShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.start_epoch, self.start_fraction, self.epochs = start_epoch, start_fraction, epochs
+        self.pass_samples = math.inf  # samples in one pass over this slot's shards, once known
 
     def slot_shards(self, epoch, worker_id=0, num_workers=1):
         slot, slots = self.rank * num_workers + worker_id, self.world_size * num_workers
@@ -367,15 +439,26 @@ class TarShardStream(IterableDataset):
         return mine[int(len(mine) * self.start_fraction):] if epoch == self.start_epoch else mine
 
     def raw_samples(self, skipped, worker_id, num_workers):
+        """Each sample's files, epoch after epoch; a whole epoch of this slot's shards
+        without one sample stops the stream with a DataError instead of looping."""
         last_epoch = None if self.epochs is None else self.start_epoch + self.epochs
         epoch = self.start_epoch
         while epoch != last_epoch:
-            for shard in self.slot_shards(epoch, worker_id, num_workers):
+            shards = self.slot_shards(epoch, worker_id, num_workers)
+            found = 0
+            for shard in shards:
                 try:
                     for _, files in tar_samples(shard):
+                        found += 1
                         yield files
                 except (tarfile.TarError, OSError, EOFError):
                     skipped[SKIP_REASONS.index("bad_shard")] += 1
+            if not found and shards:
+                raise DataError(f"{len(shards)} tar shard(s) hold no sample: "
+                                f"{name_examples(shards)} ({skip_text(skipped)})")
+            # one pass's samples (the most seen): bounds a run of bad ones in __iter__
+            if self.pass_samples == math.inf or found > self.pass_samples:
+                self.pass_samples = found
             epoch += 1
 
     def __iter__(self):
@@ -384,6 +467,7 @@ class TarShardStream(IterableDataset):
         rng = random.Random(stream_seed(self.seed, (self.rank, RANKS), (worker_id, WORKERS)))
         skipped, buffer = no_skips(), []
         raw = self.raw_samples(skipped, worker_id, num_workers)
+        bad_in_a_row = 0
         while True:
             for files in raw:
                 buffer.append(files)
@@ -392,19 +476,26 @@ class TarShardStream(IterableDataset):
             if not buffer:
                 return
             files = buffer.pop(rng.randrange(len(buffer)))
-            sample = self.decode(files, skipped)
+            sample = self.decode(files, skipped, rng)
             if sample is not None:
                 yield (*sample, skipped.clone())
                 skipped.zero_()
+                bad_in_a_row = 0
+                continue
+            bad_in_a_row += 1
+            if bad_in_a_row > self.pass_samples + self.shuffle_buffer:
+                raise DataError(f"a whole pass over {len(self.shards)} tar shard(s) gave no "
+                                f"usable sample ({skip_text(skipped)})")
 
-    def decode(self, files, skipped):
+    def decode(self, files, skipped, rng):
         caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
         image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        image = open_image(io.BytesIO(image_bytes)) if caption and image_bytes is not None else None
+        readable = caption and image_bytes is not None
+        image = open_image(io.BytesIO(image_bytes), self.transform.size) if readable else None
         if image is None:
             skipped[SKIP_REASONS.index("bad_image" if caption else "bad_caption")] += 1
             return None
-        return self.transform(image), self.tokenizer([caption])[0]
+        return self.transform(image, rng), self.tokenizer([caption])[0]
 
 
 class ResumableSampler(Sampler):
@@ -412,8 +503,9 @@ class ResumableSampler(Sampler):
 
     Global batch b holds global samples [b*G, (b+1)*G) with G = batch_size * world_size;
     rank r reads its slice of each. For a dataset of finite length n, global sample g
-    is item perm_e[g mod n] of epoch e = g // n, with a seeded permutation per epoch: no
-    sample repeats within an epoch, and a resumed run reads exactly what comes next.
+    is row perm_e[g mod n] of epoch e = g // n, with a seeded permutation per epoch, and
+    is yielded as e * n + perm_e[g mod n], so that the dataset knows the epoch too: no
+    row repeats within an epoch, and a resumed run reads exactly what comes next.
     `finite=False` (procedural data) uses the global sample number as the index.
     """
 
@@ -437,7 +529,7 @@ class ResumableSampler(Sampler):
                     seed = stream_seed(self.seed, (epoch, EPOCHS))
                     generator = torch.Generator().manual_seed(seed)
                     permutation = torch.randperm(self.length, generator=generator).tolist()
-                yield permutation[sample % self.length]
+                yield epoch * self.length + permutation[sample % self.length]
             g += global_batch
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer,
                   collate_readable, group_captions_by_image, make_loader, name_examples,
-                  open_image, read_caption_table, read_image_folder, read_lines)
+                  non_negative_int, open_image, positive_float, positive_int,
+                  read_caption_table, read_image_folder, read_lines)
 from model import TwoTowerModel, autocast_context, default_device
 
 # "a photo of a {}." and the 7 of CLIP's 80 ImageNet templates that its prompt-engineering
@@ -258,9 +259,13 @@ def cached_tower_features(model, root, args):
     else:
         features, kept, _ = readable_image_features(model, paths, args, projected=False, desc=root)
         if cache:
-            os.makedirs(args.feature_cache, exist_ok=True)
-            np.save(f"{cache}_features.npy", features.numpy())
-            np.save(f"{cache}_indices.npy", kept.numpy())  # last: its presence marks a whole pair
+            try:
+                os.makedirs(args.feature_cache, exist_ok=True)
+                np.save(f"{cache}_features.npy", features.numpy())
+                np.save(f"{cache}_indices.npy", kept.numpy())  # last: it marks a whole pair
+            except OSError as error:
+                raise DataError(f"--feature-cache {args.feature_cache}: "
+                                f"{error.strerror or error}") from None
     return folders, features, labels[kept], len(paths) - len(kept)
 
 
@@ -292,11 +297,27 @@ def print_table(metrics, file=sys.stdout):
         print(f"(and {hidden} per-class top-1 accuracies in the JSON)", file=file)
 
 
+def read_checkpoint(path):
+    """A train.py checkpoint, or a DataError that says what is wrong with the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, empty, text, another format: all say the same
+        text = str(error).strip()
+        reason = text.splitlines()[0][:120] if text else type(error).__name__
+        raise DataError(f"{path} is not a readable checkpoint ({reason})") from None
+    missing = {"model", "optimizer", "step", "args", "model_config", "objective"} - set(
+        checkpoint if isinstance(checkpoint, dict) else ())
+    if missing:
+        raise DataError(f"{path} is not a checkpoint written by train.py (no "
+                        f"{', '.join(sorted(missing))})")
+    return checkpoint
+
+
 def load_model(path, device):
     """The model of a train.py checkpoint, on `device`, and the checkpoint itself."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path)
     model = TwoTowerModel.from_checkpoint(checkpoint).to(device)
     return model, checkpoint
 
@@ -315,9 +336,10 @@ def checkpoint_flags():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     common.add_argument("--device", default=default_device(), help="where to run the model")
-    common.add_argument("--batch-size", type=int, default=256,
+    common.add_argument("--batch-size", type=positive_int, default=256,
                         help="images or captions per forward pass")
-    common.add_argument("--workers", type=int, default=2, help="image-loading processes")
+    common.add_argument("--workers", type=non_negative_int, default=2,
+                        help="image-loading processes")
     common.add_argument("--output", default=None,
                         help="JSON of flat metrics (default: eval_<task>[_<name>].json beside "
                              "the checkpoint)")
@@ -353,7 +375,7 @@ def build_parser():
                        help="ImageNet-style folder of training images")
     probe.add_argument("--test-data", required=True,
                        help="folder of test images, the same class folders")
-    probe.add_argument("--l2-grid", type=float, nargs="+", default=L2_GRID,
+    probe.add_argument("--l2-grid", type=positive_float, nargs="+", default=L2_GRID,
                        help="L2 strengths to sweep on 20%% of the training images "
                             "(C = 1 / (l2 N) in scikit-learn)")
     probe.add_argument("--feature-cache", default=None,
@@ -376,10 +398,19 @@ def write_metrics(metrics, output):
     print(f"wrote {output}")
 
 
+def check_output(path):
+    """Fail before any work if the metrics could not be written there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"--output {path}: no folder {folder}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.output:
+            check_output(args.output)
         model, _ = load_model(args.checkpoint, args.device)
         tokenizer = Tokenizer(model.config.context_length)
         data = args.test_data if args.task == "linear-probe" else args.data

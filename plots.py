@@ -75,11 +75,11 @@ class Axes:
         self.draw.rectangle(self.box, outline=INK)
 
 
-def draw_legend(draw, names, right, top):
+def draw_legend(draw, entries, right, top):
+    """entries: (name, color) pairs, listed top down at the panel's top right."""
     small = font(11)
     y = top + 6
-    for index, name in enumerate(names):
-        color = COLORS[index % len(COLORS)]
+    for name, color in entries:
         width = draw.textlength(name, font=small)
         draw.line([(right - width - 34, y + 6), (right - width - 14, y + 6)], fill=color, width=3)
         draw.text((right - width - 8, y), name, fill=INK, font=small)
@@ -112,7 +112,8 @@ def draw_panel(draw, origin, size, panel, names):
               anchor="mb")
     if panel.y_label:
         draw.text((x0 + 4, box[1] - 14), panel.y_label, fill=INK, font=font(11))
-    draw_legend(draw, [name for name in names if name in panel.series], box[2], box[1])
+    entries = [(name, COLORS[names.index(name) % len(COLORS)]) for name in panel.series]
+    draw_legend(draw, entries, box[2], box[1])
 
 
 def line_panels(path, panels, columns=2, panel_size=(440, 300)):

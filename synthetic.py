@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer, no_skips,
                   positive_int, stream_seed)
-from eval import (checkpoint_flags, image_features, linear_probe, load_model, retrieval_recall,
-                  text_embeddings, write_metrics, zero_shot_accuracy, zero_shot_classifier)
+from eval import (check_output, checkpoint_flags, image_features, linear_probe, load_model,
+                  retrieval_recall, text_embeddings, write_metrics, zero_shot_accuracy,
+                  zero_shot_classifier)
 
 SHAPES = {
     "circle": ("circle", "disc", "round dot"),
@@ -387,6 +388,8 @@ def main(argv=None):
               f"{args.out_dir}/captions.csv")
         return
     try:
+        if args.output:
+            check_output(args.output)
         model, checkpoint = load_model(args.checkpoint, args.device)
     except DataError as error:
         parser.error(str(error))

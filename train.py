@@ -7,6 +7,7 @@ One plain loop: schedule, batch, step (forward under autocast, loss, backward, c
 log, checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0.
 """
 import argparse
+import atexit
 import gc
 import json
 import math
@@ -26,14 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
-                  ResumableSampler, TarShardStream, Tokenizer, TrainTransform, expand_shards,
-                  fraction, make_loader, name_examples, non_negative_float, positive_float,
-                  positive_int, stream_seed)
-from eval import print_table
+                  ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
+                  expand_shards, fraction, make_loader, name_examples, non_negative_float,
+                  non_negative_int, positive_float, positive_int, stream_seed)
+from eval import print_table, read_checkpoint
 from losses import REGULARIZERS, Objective
+from plots import Panel, line_panels
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, autocast_context,
                    default_device, model_config)
-from synthetic import INDICES, SyntheticCaptions, evaluation, zero_shot_evaluation
+from synthetic import (COLORS, INDICES, SHAPES, SyntheticCaptions, evaluation,
+                       zero_shot_evaluation)
 
 RANKS = 1 << 16  # radix of the per-rank seed (see data.stream_seed)
 
@@ -63,11 +66,11 @@ def build_parser():
                         "no shape)")
     p.add_argument("--wd", type=non_negative_float, default=0.2,
                    help="AdamW weight decay on weight matrices")
-    p.add_argument("--warmup", type=int, default=50,
+    p.add_argument("--warmup", type=non_negative_int, default=50,
                    help="linear warm-up steps before the cosine decay")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
-    p.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
+    p.add_argument("--beta1", type=below_one, default=0.9, help="AdamW beta1, in [0, 1)")
+    p.add_argument("--beta2", type=below_one, default=0.98, help="AdamW beta2, in [0, 1)")
+    p.add_argument("--eps", type=positive_float, default=1e-6, help="AdamW epsilon")
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="max gradient norm (0: off)")
     objective = p.add_argument_group("objective")
@@ -117,18 +120,24 @@ def build_parser():
                       help="synthetic captions that describe only part of the image")
     data.add_argument("--synthetic-unrelated-fraction", type=fraction, default=0.05,
                       help="synthetic captions of another image")
-    data.add_argument("--synthetic-heldout-pairs", type=int, default=4,
+    data.add_argument("--synthetic-heldout-pairs", type=non_negative_int, default=4,
                       help="(color, shape) pairs never shown in training, for compositional "
                            "zero-shot")
     data.add_argument("--min-crop-scale", type=fraction, default=None,
                       help="smallest area fraction of the random resized crop (default: 0.5, as "
                            "CLIP recipes use on photos; 0.8 on the synthetic data, whose objects "
                            "sit near edges)")
-    data.add_argument("--workers", type=int, default=1, help="data-loader processes per rank")
+    data.add_argument("--workers", type=non_negative_int, default=1,
+                      help="data-loader processes per rank")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="out",
                      help="checkpoints, log.jsonl and final_metrics.json go here")
-    run.add_argument("--resume", default=None, help="checkpoint to continue from")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint to continue from; 'latest': OUT_DIR/ckpt.pt if there is "
+                          "one, else start fresh (resubmit a preempted job unchanged)")
+    run.add_argument("--plot", metavar="OUT_DIR", default=None,
+                     help="only draw OUT_DIR/curves.png from OUT_DIR/log.jsonl (a finished or "
+                          "running run), then exit")
     run.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -136,12 +145,15 @@ def build_parser():
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--grad-checkpointing", action="store_true",
                      help="recompute transformer blocks in backward: less memory, more time")
+    run.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                     help="a NaN or infinite loss or gradient: stop at the next log line without "
+                          "saving it (default), or skip that step's update and count it")
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     run.add_argument("--save-every", type=positive_int, default=500,
                      help="steps between checkpoints")
     run.add_argument("--val-samples", type=positive_int, default=1000,
                      help="synthetic val images per eval task")
-    run.add_argument("--val-every", type=int, default=0,
+    run.add_argument("--val-every", type=non_negative_int, default=0,
                      help="steps between zero-shot evaluations on the built-in val data during "
                           "training, logged to log.jsonl under final_metrics.json's keys (0: off)")
     return p
@@ -201,7 +213,7 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
                                    args.seed, finite=False)
     elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
         dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
-                                      args.csv_caption_key, args.csv_separator)
+                                      args.csv_caption_key, args.csv_separator, args.seed)
         sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample,
                                    args.seed)
     else:
@@ -212,7 +224,7 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
 
 def tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample):
     shards = expand_shards(args.train_data)
-    missing = [path for path in shards if not os.path.isfile(path)]
+    missing = [path for path in shards if not os.path.exists(path)]
     if missing:
         raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: "
                         f"{name_examples(missing)}")
@@ -263,25 +275,31 @@ def learning_rate(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(trainee, images, tokens):
+def train_step(trainee, images, tokens, on_nonfinite="stop"):
     """Forward under autocast, loss, backward, clip, AdamW step, clamp the logit scale.
     Nothing here waits for the device: the metrics stay tensors until a log line reads
-    them. -> {"loss", "grad_norm", and the objective's metrics}"""
+    them, and a non-finite loss or gradient is counted, then acted on at that line;
+    with on_nonfinite="skip" the step checks it at once (a sync) and skips the update.
+    -> {"loss", "grad_norm", "nonfinite", and the objective's metrics}"""
     with trainee.autocast:
         loss, metrics = trainee.objective(trainee.train_model(images, tokens))
     loss.backward()
     max_norm = trainee.grad_clip or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
-    trainee.optimizer.step()
+    nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    if on_nonfinite != "skip" or not nonfinite.item():
+        trainee.optimizer.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     trainee.model.clamp_logit_scale()
-    return {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+    return {"loss": loss.detach(), "grad_norm": grad_norm, "nonfinite": nonfinite.float(),
+            **metrics}
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, trainee, step, args):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+def save_checkpoint(path, trainee, step, args, skip_counts=None):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file,
+    and a full disk leaves the previous checkpoint as it was."""
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     checkpoint = {
         "model": trainee.model.state_dict(),
@@ -293,15 +311,42 @@ def save_checkpoint(path, trainee, step, args):
         "objective": trainee.model.objective,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate(), "cuda": cuda_rng},
+        "skipped": skip_counts or {},
     }
     temporary = path + ".tmp"
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise DataError(f"could not write {path} ({reason}); the previous checkpoint, if any, "
+                        "is untouched") from None
 
 
-def restore_checkpoint(path, trainee):
-    """Load the training state saved at `path` into `trainee`; -> its step."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def check_checkpoint_matches(checkpoint, path, args, world_size):
+    """The flags that decide the architecture, the objective and the data order must be
+    the checkpoint's: name the first that differs and what to pass."""
+    saved = checkpoint["args"]
+    if checkpoint["objective"] != args.loss:
+        raise DataError(f"{path} was trained with --loss {checkpoint['objective']}; pass "
+                        f"--loss {checkpoint['objective']}")
+    config = asdict(model_config_from_args(args))
+    for name, value in checkpoint["model_config"].items():
+        if config.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise DataError(f"{path} has {flag} {value}, these flags give {config.get(name)}; "
+                            f"pass --model {saved.get('model')} and {flag} {value}")
+    saved_batch = saved.get("batch_size", args.batch_size) * saved.get("world_size", world_size)
+    if saved_batch != args.batch_size * world_size:
+        raise DataError(f"{path} was trained with a global batch of {saved_batch}, these flags "
+                        f"give {args.batch_size * world_size}: the data order would differ; "
+                        f"pass --batch-size {saved.get('batch_size')}")
+
+
+def restore_checkpoint(checkpoint, trainee):
+    """Load a training state into `trainee`; -> its step."""
     trainee.model.load_state_dict(checkpoint["model"])
     trainee.objective.load_state_dict(checkpoint["objective_state"])
     trainee.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -316,12 +361,24 @@ def restore_checkpoint(path, trainee):
 # -------------------------------------------------------------------------------------- logging
 
 stop_signal = None
+phase = "starting"  # "training" (in a step), "waiting" (for data), or "evaluating"
+
+
+class StopRequested(Exception):
+    """Raised by the signal handler while the loop waits for data: nothing is half done."""
 
 
 def request_stop(signum, frame):
-    """Ctrl-C or SIGTERM: finish the step, save at the next log line, exit."""
+    """Ctrl-C or SIGTERM. In a step: finish it, save, exit. Waiting for data (which may
+    never come): save now and exit. Evaluating, or a second signal: exit at once."""
     global stop_signal
+    if stop_signal is not None or phase in ("evaluating", "starting"):
+        # os._exit: a SystemExit raised wherever the signal landed could wait on a lock
+        print(f"\nstopped by signal {signum} while {phase}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     stop_signal = signum
+    if phase == "waiting":
+        raise StopRequested
 
 
 class TrainingLog:
@@ -333,13 +390,24 @@ class TrainingLog:
     BAR_KEYS = ("loss", "lr", "logit_scale", "nclip/image_perplexity", "nclip/information",
                 "nclip/same_prototype")
 
-    def __init__(self, path, global_batch, world_size, device, is_main, bar):
+    def __init__(self, path, global_batch, world_size, device, is_main, bar, start_step=0,
+                 skip_counts=None):
         self.path, self.global_batch = path, global_batch
         self.world_size, self.device = world_size, device
         self.is_main, self.bar = is_main, bar
         self.sums, self.steps, self.started = {}, 0, time.time()
-        self.last = {}
+        self.skip_offsets = dict(skip_counts or {})  # counted before a resume
+        self.last = dict(self.skip_offsets)
         self.zero_shot_shape = None  # the last evaluation's shape top-1, for the bar
+        if is_main and start_step and os.path.isfile(path):
+            self.keep_lines_up_to(start_step)
+
+    def keep_lines_up_to(self, step):
+        """A resumed run logs again what came after its checkpoint: drop those lines."""
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(lines)
 
     def add(self, step_metrics):
         self.sums = {k: self.sums.get(k, 0) + v for k, v in step_metrics.items()}
@@ -353,6 +421,8 @@ class TrainingLog:
         skips = {f"skipped/{reason}": count.to(self.device) * self.world_size
                  for reason, count in zip(SKIP_REASONS, skipped)}
         line = self.reduce({**averaged, **extra, "stop": stop, **skips})
+        for key, count in self.skip_offsets.items():
+            line[key] = line.get(key, 0) + count
         now = time.time()
         samples = self.steps * self.global_batch
         line.update(step=step, lr=lr, samples_per_second=samples / (now - self.started))
@@ -383,7 +453,12 @@ class TrainingLog:
             f.write(json.dumps(line) + "\n")
 
     def skip_counts(self):
-        return {k: int(v) for k, v in self.last.items() if k.startswith("skipped/")}
+        return {k: int(round(v)) for k, v in self.last.items() if k.startswith("skipped/")}
+
+    def saw_nonfinite(self):
+        """Whether a step since the last log line had a non-finite loss or gradient (a
+        host sync: only called before saving)."""
+        return bool(self.sums.get("nonfinite", 0) > 0)
 
 
 def evaluate_during_training(trainee, tokenizer, args, device, log, step):
@@ -421,54 +496,102 @@ def final_evaluation(trainee, tokenizer, args, device, skip_counts, checkpoint_p
     print_table(metrics)
 
 
+CURVES = (  # (panel title, log keys): what curves.png shows, where the log has it
+    ("loss", ("loss", "clip/loss", "nclip/loss")),
+    ("learning rate", ("lr",)),
+    ("logit scale", ("logit_scale",)),
+    ("nCLIP information (nats)", ("nclip/information",)),
+    ("nCLIP same prototype", ("nclip/same_prototype",)),
+    ("nCLIP prototype perplexity", ("nclip/image_perplexity", "nclip/text_perplexity")),
+    ("zero-shot top-1 (val)", ("zeroshot/shape/top1", "zeroshot/color/top1")),
+)
+
+
+def plot_training_curves(out_dir):
+    """OUT_DIR/curves.png from OUT_DIR/log.jsonl: loss, learning rate, logit scale, the
+    nCLIP collapse monitors and the --val-every zero-shot curve, where logged."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        fail(f"--plot {out_dir}: no log.jsonl there")
+    with open(log_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    panels = []
+    for title, keys in CURVES:
+        series = {}
+        for key in keys:
+            points = [(line["step"], line[key]) for line in lines if key in line]
+            if points:
+                series[key] = tuple(zip(*points))
+        if series:
+            panels.append(Panel(title, "step", series))
+    path = os.path.join(out_dir, "curves.png")
+    line_panels(path, panels, columns=3, panel_size=(400, 280))
+    return path
+
+
 # ------------------------------------------------------------------------------------- the loop
 
+class NonFiniteLoss(Exception):
+    """The loss or the gradient norm stopped being a finite number."""
+
+
 def train(args):
+    global phase
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
-    if is_main:
-        check_writable(args.out_dir)
     model, objective, optimizer = build_model(args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
     trainee = Trainee(model, train_model, objective, optimizer,
                       autocast_context(device, args.precision), args.grad_clip)
-    start_step = restore_checkpoint(args.resume, trainee) if args.resume else 0
+    global_batch = args.batch_size * world_size
+    args.global_batch = global_batch
+    start_step, skip_counts = 0, {}
+    if args.resume:
+        checkpoint = read_checkpoint(args.resume)
+        check_checkpoint_matches(checkpoint, args.resume, args, world_size)
+        start_step, skip_counts = restore_checkpoint(checkpoint, trainee), checkpoint["skipped"]
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
     tokenizer = Tokenizer(model.config.context_length)
-    global_batch = args.batch_size * world_size
     loader = build_train_loader(args, model.config.image_size, tokenizer, rank, world_size,
                                 start_sample=start_step * global_batch)
     checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
     if is_main:
         print(f"{args.loss} | {args.model}: {model.num_params() / 1e6:.2f}M parameters | "
               f"global batch {global_batch} on {world_size} x {device}", flush=True)
-    bar = tqdm(total=args.steps, initial=start_step, disable=not is_main, dynamic_ncols=True)
+    if start_step >= args.steps and is_main:
+        print(f"{args.resume} is at step {start_step}, --steps is {args.steps}: nothing to "
+              "train; evaluating it", flush=True)
+    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not is_main,
+               dynamic_ncols=True)
     log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), global_batch, world_size, device,
-                      is_main, bar)
+                      is_main, bar, start_step, skip_counts)
     batches = iter(loader)
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over here
-    for step in range(start_step, args.steps):
-        lr = learning_rate(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, tokens, skipped_now = next(batches)
-        skipped += skipped_now.sum(dim=0)
-        log.add(train_step(trainee, images.to(device, non_blocking=True),
-                           tokens.to(device, non_blocking=True)))
-        bar.update(1)
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            if log.write(done, lr, skipped, model.head_norms()):
-                stop_on_signal(trainee, checkpoint_path, done, args, is_main)
-        if args.val_every and done % args.val_every == 0 and args.train_data == "synthetic":
-            evaluate_during_training(trainee, tokenizer, args, device, log, done)
-        if is_main and done % args.save_every == 0:
-            save_checkpoint(checkpoint_path, trainee, done, args)
+    step = start_step
+    try:
+        for step in range(start_step, args.steps):
+            lr = learning_rate(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            phase = "waiting"
+            images, tokens, skipped_now = next(batches)
+            phase = "training"
+            skipped += skipped_now.sum(dim=0)
+            log.add(train_step(trainee, images.to(device, non_blocking=True),
+                               tokens.to(device, non_blocking=True), args.on_nonfinite))
+            bar.update(1)
+            after_step(trainee, tokenizer, args, device, log, step + 1, lr, skipped,
+                       checkpoint_path)
+    except StopRequested:
+        stop_on_signal(trainee, checkpoint_path, step, args, is_main, log)
     bar.close()
+    phase = "evaluating"
     if is_main:
-        save_checkpoint(checkpoint_path, trainee, args.steps, args)
+        if start_step < args.steps:
+            save_checkpoint(checkpoint_path, trainee, args.steps, args, log.skip_counts())
+            print(f"wrote {plot_training_curves(args.out_dir)}")
         final_evaluation(trainee, tokenizer, args, device, log.skip_counts(), checkpoint_path)
     if world_size > 1:
         del trainee, train_model
@@ -476,25 +599,116 @@ def train(args):
         dist.destroy_process_group()
 
 
-def stop_on_signal(trainee, checkpoint_path, step, args, is_main):
+def after_step(trainee, tokenizer, args, device, log, done, lr, skipped, checkpoint_path):
+    """Log, stop on a signal or a non-finite loss, evaluate and save, when it is time."""
+    single = log.world_size == 1  # one process can stop at any step; ranks agree at log lines
+    if done % args.log_every == 0 or done == args.steps or (single and stop_signal):
+        nonfinite_steps = log.sums.get("nonfinite", 0)
+        stopping = log.write(done, lr, skipped, trainee.model.head_norms())
+        if log.last.get("nonfinite", 0) > 0 and args.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"the loss or gradient norm was not finite in "
+                                f"{nonfinite_steps:.0f} step(s) up to step {done} (see "
+                                f"log.jsonl); the last checkpoint is untouched. Try a lower "
+                                f"--lr, or --on-nonfinite skip")
+        if stopping:
+            stop_on_signal(trainee, checkpoint_path, done, args, log.is_main, log)
+    if args.val_every and done % args.val_every == 0 and args.train_data == "synthetic":
+        evaluate_during_training(trainee, tokenizer, args, device, log, done)
+    if log.is_main and done % args.save_every == 0 and done < args.steps:
+        if not log.saw_nonfinite():
+            save_checkpoint(checkpoint_path, trainee, done, args, log.skip_counts())
+
+
+def stop_on_signal(trainee, checkpoint_path, step, args, is_main, log):
     """Ctrl-C or SIGTERM reached some rank: keep what was learned, then exit."""
-    if is_main:
-        save_checkpoint(checkpoint_path, trainee, step, args)
+    if is_main and not log.saw_nonfinite():
+        save_checkpoint(checkpoint_path, trainee, step, args, log.skip_counts())
         print(f"\nstopped by a signal: saved step {step} to {checkpoint_path}; "
               "continue with --resume", file=sys.stderr)
     sys.exit(128 + (stop_signal or signal.SIGTERM))
 
 
+def check_flags(args):
+    """What argparse types cannot see alone: devices, head counts, held-out pairs."""
+    pairs = len(COLORS) * len(SHAPES)
+    if args.synthetic_heldout_pairs >= pairs:
+        fail(f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "
+             f"(color, shape) pairs and training needs at least one; pass at most {pairs - 1}")
+    device = args.device or default_device()
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError:
+        fail(f"--device {device}: not a device (cpu, cuda, cuda:N)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: this machine has no CUDA device")
+    if device_type not in ("cpu", "cuda"):
+        fail(f"--device {device}: train.py runs on cpu or cuda")
+    config = model_config_from_args(args)
+    for tower in ("vision", "text"):
+        width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
+        if width % heads:
+            fail(f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}")
+    if config.image_size < config.patch_size:
+        fail(f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}")
+
+
+def take_out_dir(out_dir):
+    """A lock file with our pid: two live runs never share an --out-dir (and its
+    checkpoint). A lock left by a dead process is taken over."""
+    check_writable(out_dir)
+    lock = os.path.join(out_dir, "train.lock")
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if process_alive(lock):
+                with open(lock) as f:
+                    owner = f.read().strip()
+                fail(f"--out-dir {out_dir} is in use by a running train.py (pid {owner}); "
+                     "pick another --out-dir")
+            os.remove(lock)
+            continue
+        with os.fdopen(descriptor, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+        return
+
+
+def process_alive(lock):
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+    except (ValueError, OSError):
+        return False
+    return pid != os.getpid()
+
+
+def user_message(error):
+    """A DataError raised in a loader worker reaches us wrapped in the worker's traceback:
+    keep its own message."""
+    last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    return last_line.removeprefix("data.DataError: ").removeprefix("DataError: ")
+
+
 def main():
     args = build_parser().parse_args()
+    if args.plot:
+        return print(f"wrote {plot_training_curves(args.plot)}")
+    check_flags(args)
+    if args.resume == "latest":
+        latest = os.path.join(args.out_dir, "ckpt.pt")
+        args.resume = latest if os.path.isfile(latest) else None
     if args.resume and not os.path.isfile(args.resume):
         fail(f"--resume {args.resume}: no such checkpoint")
+    if int(os.environ.get("RANK", 0)) == 0:
+        take_out_dir(args.out_dir)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         train(args)
-    except DataError as error:
-        fail(str(error))
+    except (DataError, NonFiniteLoss) as error:
+        fail(user_message(error))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,288 @@
+"""Faults a user meets: a bad flag or file is one line and exit code 2, a data source with
+nothing usable stops instead of hanging, a non-finite loss stops without saving it, a
+killed run resumes bit-identically, and two runs never share an output folder."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train
+from conftest import ROOT, run_script, write_tar_shards
+
+# The smallest model train.py builds here: a run is a few seconds, evaluation included.
+MINI = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+        "--vision-heads", "2", "--text-heads", "2", "--embed-dim", "16", "--head-hidden-dim", "32",
+        "--head-bottleneck-dim", "16", "--num-prototypes", "16", "--batch-size", "16",
+        "--val-samples", "20", "--workers", "0"]
+
+
+def run_train(*flags, timeout=300):
+    return run_script("train.py", *flags, timeout=timeout)
+
+
+def assert_one_line_error(result, message, code=2):
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "must be a finite number >= 0"),
+    (["--beta1", "1.5"], "must be in [0, 1)"),
+    (["--eps", "-1"], "must be a positive number"),
+    (["--student-temp", "0"], "must be a positive number"),
+    (["--synthetic-heldout-pairs", "48"], "pass at most 47"),
+    (["--synthetic-heldout-pairs", "-1"], "must be an integer >= 0"),
+    (["--device", "bogus"], "not a device"),
+    (["--vision-heads", "3"], "not a multiple of --vision-heads 3"),
+    (["--workers", "-1"], "must be an integer >= 0"),
+    (["--val-samples", "-1"], "must be a positive integer"),
+    (["--train-data", "x/{9..1}.tar", "--train-num-samples", "4"], "not a range"),
+])
+def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path, flags, message):
+    assert_one_line_error(run_train(*MINI, *flags, "--out-dir", str(tmp_path), timeout=60), message)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("finished")
+    result = run_train(*MINI, "--steps", "4", "--out-dir", str(out_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out_dir
+
+
+def write_bad_checkpoints(folder, good):
+    contents = torch.load(good, weights_only=False)
+    torch.save(contents["model"], folder / "bare.pt")
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "text.pt").write_text("not a checkpoint\n")
+    (folder / "truncated.pt").write_bytes(open(good, "rb").read()[:1000])
+
+
+@pytest.mark.parametrize("name,message", [
+    ("empty.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
+    ("truncated.pt", "not a readable checkpoint"), ("bare.pt", "not a checkpoint written by"),
+])
+def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, name, message):
+    write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
+    result = run_train(*MINI, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / "o"))
+    assert_one_line_error(result, message)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--loss", "clip"], "pass --loss xclip"),
+    (["--vision-width", "64"], "pass --model tiny and --vision-width 32"),
+    (["--batch-size", "8"], "pass --batch-size 16"),
+])
+def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, flags, message):
+    result = run_train(*MINI, *flags, "--resume", "latest", "--out-dir", str(finished_run))
+    assert_one_line_error(result, message)
+
+
+def test_resuming_a_finished_run_evaluates_it_without_training(finished_run):
+    before = torch.load(finished_run / "ckpt.pt", weights_only=False)
+    result = run_train(*MINI, "--steps", "4", "--resume", "latest", "--out-dir", str(finished_run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "nothing to train; evaluating it" in result.stdout
+    after = torch.load(finished_run / "ckpt.pt", weights_only=False)
+    assert after["step"] == 4 and torch.equal(before["model"]["logit_scale"],
+                                               after["model"]["logit_scale"])
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    assert run_train(*MINI, "--steps", "5", "--save-every", "5", "--out-dir",
+                     str(tmp_path)).returncode == 0
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    result = run_train(*MINI, "--steps", "20", "--save-every", "5", "--lr", "1e6",
+                       "--resume", "latest", "--out-dir", str(tmp_path))
+    assert_one_line_error(result, "was not finite")
+    kept = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert kept["step"] == 5 and all(torch.equal(saved["model"][k], kept["model"][k])
+                                     for k in saved["model"])
+
+
+def test_skipping_non_finite_steps_counts_them_and_finishes(tmp_path):
+    result = run_train(*MINI, "--steps", "6", "--log-every", "3", "--lr", "1e6",
+                       "--on-nonfinite", "skip", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "log.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["nonfinite"] > 0  # the share of the interval's steps that were skipped
+
+
+def corrupt_shards(folder):
+    """Two shards whose every image is truncated."""
+    write_tar_shards(str(folder), num_shards=2, per_shard=3, truncated=set(range(6)))
+    return str(folder / "{00000..00001}.tar")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_tar_shards_without_a_usable_sample_stop_instead_of_hanging(tmp_path, workers):
+    pattern = corrupt_shards(tmp_path)
+    result = run_train(*MINI, "--train-data", pattern, "--train-num-samples", "6",
+                       "--workers", workers, "--out-dir", str(tmp_path / "o"), timeout=120)
+    assert_one_line_error(result, "gave no usable sample")
+
+
+def test_empty_tar_shards_stop_instead_of_hanging(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"")
+    subprocess.run(["tar", "cf", str(tmp_path / "00001.tar"), "--files-from", "/dev/null"],
+                   check=True)
+    result = run_train(*MINI, "--train-data", str(tmp_path / "{00000..00001}.tar"),
+                       "--train-num-samples", "6", "--out-dir", str(tmp_path / "o"), timeout=120)
+    assert_one_line_error(result, "hold no sample")
+
+
+def test_a_second_run_on_a_busy_out_dir_is_refused(tmp_path):
+    first = subprocess.Popen([sys.executable, "train.py", *MINI, "--steps", "2000", "--out-dir",
+                              str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        while not (tmp_path / "train.lock").exists():
+            time.sleep(0.05)
+        result = run_train(*MINI, "--steps", "2", "--out-dir", str(tmp_path), timeout=60)
+        assert_one_line_error(result, f"in use by a running train.py (pid {first.pid})")
+    finally:
+        first.kill()
+        first.wait()
+    # a lock left by a killed run does not block the next one
+    assert run_train(*MINI, "--steps", "2", "--out-dir", str(tmp_path)).returncode == 0
+
+
+def wait_for_step(log_path, step, process):
+    while True:
+        assert process.poll() is None, process.stderr.read()
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                if any(json.loads(line)["step"] >= step for line in f if line.strip()):
+                    return
+        time.sleep(0.05)
+
+
+def write_caption_csv(folder, rows=40):
+    rng = np.random.default_rng(0)
+    lines = ["filepath,title"]
+    for k in range(rows):
+        pixels = rng.integers(0, 256, (20 + k % 7, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+        lines.append(f"{k}.png,caption number {k}")
+    (folder / "table.csv").write_text("\n".join(lines) + "\n")
+    return str(folder / "table.csv")
+
+
+@pytest.mark.parametrize("source", ["synthetic", "csv"])
+def test_sigkill_then_resume_ends_bit_identical(tmp_path, source):
+    train_data = "synthetic" if source == "synthetic" else write_caption_csv(tmp_path)
+    flags = [*MINI, "--train-data", train_data, "--steps", "24", "--log-every", "2",
+             "--save-every", "4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_train(*flags, "--out-dir", str(straight)).returncode == 0
+    process = subprocess.Popen([sys.executable, "train.py", *flags, "--out-dir", str(killed)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for_step(killed / "log.jsonl", 10, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_train(*flags, "--resume", "latest", "--out-dir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = torch.load(straight / "ckpt.pt", weights_only=False)["model"]
+    actual = torch.load(killed / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    with open(killed / "log.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == sorted(set(steps))  # no line logged twice across the kill
+
+
+def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
+    shard = tmp_path / "00000.tar"
+    os.mkfifo(shard)  # opening it for reading blocks until a writer comes: it never does
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *MINI, "--train-data", str(shard), "--train-num-samples",
+         "4", "--out-dir", str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # long past start-up: it is waiting for its first batch
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert "stopped by a signal" in process.stderr.read()
+
+
+def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    (tmp_path / "ckpt.pt").write_bytes(b"previous")
+
+    def no_space(obj, target):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    args = train.build_parser().parse_args(MINI)
+    model, objective, optimizer = train.build_model(args, "cpu")
+    trainee = train.Trainee(model, model, objective, optimizer, None, 0)
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(data.DataError, match="No space left on device"):
+        train.save_checkpoint(path, trainee, 3, args)
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"previous"
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = np.asarray(data.open_image(str(tmp_path / "ramp.png")))
+    assert pixels.min() == 0 and 120 < pixels.mean() < 135  # pillow's convert: all white
+
+
+def test_an_oversized_image_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    assert data.open_image(str(tmp_path / "big.png")) is None
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"filepath": "a.png"}\n', "no column 'title'"),
+    ('{"filepath": "a.png", "title": "x"}\n[1, 2]\n', "row 2 is not an object"),
+])
+def test_a_jsonl_row_without_its_fields_is_named(tmp_path, content, message):
+    (tmp_path / "t.jsonl").write_text(content)
+    with pytest.raises(data.DataError, match=message.replace("[", r"\[")):
+        data.read_caption_table(str(tmp_path / "t.jsonl"))
+
+
+def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"filepath,title\na.png,caf\xe9\n")
+    with pytest.raises(data.DataError, match="not UTF-8"):
+        data.read_caption_table(str(tmp_path / "t.csv"))
+
+
+def test_retrieval_rows_repeated_or_spelled_twice_count_once(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    pairs = [(os.path.normpath(str(tmp_path / "./x.png")), "a"), (str(tmp_path / "x.png"), "a"),
+             (str(tmp_path / "x.png"), "b")]
+    images, captions, caption_images = data.group_captions_by_image(pairs)
+    assert images == [str(tmp_path / "x.png")] and captions == ["a", "b"]
+    assert caption_images == [0, 0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "must be a positive integer"),
+    (["--output", "/nonexistent/folder/m.json"], "no folder"),
+])
+def test_eval_flag_errors_are_one_line(finished_run, tmp_path, flags, message):
+    result = run_script("eval.py", "zeroshot", "--checkpoint", str(finished_run / "ckpt.pt"),
+                        "--data", str(tmp_path), *flags, timeout=60)
+    assert_one_line_error(result, message)
+
+
+def test_eval_of_a_truncated_checkpoint_is_one_line(finished_run, tmp_path):
+    write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
+    result = run_script("eval.py", "zeroshot", "--checkpoint", str(tmp_path / "truncated.pt"),
+                        "--data", str(tmp_path), timeout=60)
+    assert_one_line_error(result, "not a readable checkpoint")

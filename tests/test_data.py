@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, open_image, read_caption_table
+from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, open_image,
+                  read_caption_table)
 from synthetic import COLORS, SHAPES, SyntheticCaptions, heldout_pairs
 
 
@@ -31,7 +32,8 @@ def test_tokenizer_encodes_special_token_text_as_plain_text():
 
 
 def test_synthetic_sample_depends_only_on_seed_split_and_index():
-    make = lambda seed=0, split="train": SyntheticCaptions(split, seed=seed, transform=TrainTransform(48))
+    make = lambda seed=0, split="train": SyntheticCaptions(split, seed=seed,
+                                                           transform=TrainTransform(48))
     first, second = make()[123], make()[123]
     assert torch.equal(first[0], second[0]) and first[1] == second[1]
     assert not torch.equal(make(seed=1)[123][0], first[0])
@@ -48,7 +50,8 @@ def test_synthetic_noise_fractions_are_close_to_the_requested_ones():
     for i in range(1000):
         obj = noisy.scene(i)[0][0]
         names_the_shape += any(word in noisy.caption(i) for word in SHAPES[obj.shape])
-    assert 0.45 < names_the_shape / 1000 < 0.85  # ~50% exact, some loose and unrelated ones still match
+    # ~50% exact, some loose and unrelated ones still match
+    assert 0.45 < names_the_shape / 1000 < 0.85
 
 
 def test_heldout_pairs_never_appear_in_training_but_fill_the_heldout_val_set():

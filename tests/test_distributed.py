@@ -44,7 +44,8 @@ def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
 
 
 def rank_main(rank, world_size, port, objective_name, local_loss, result_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
     result = loss_and_gradients(objective_name, local_loss, rank, world_size)
     if rank == 0:
         torch.save(result, result_path)

@@ -40,7 +40,8 @@ def write_captions(root):
     rows = [("img/0.png", "a black square"), ("img/1.png", "a dark red square"),
             ("img/0.png", "an unlit square"), ("img/2.png", "a red square")]
     (root / "captions.csv").write_text("filepath,title\n" + "".join(f"{p},{c}\n" for p, c in rows))
-    (root / "captions.jsonl").write_text("".join(json.dumps({"image": p, "text": c}) + "\n" for p, c in rows))
+    (root / "captions.jsonl").write_text("".join(json.dumps({"image": p, "text": c}) + "\n"
+                                                 for p, c in rows))
     return rows
 
 
@@ -56,13 +57,15 @@ def test_image_folder_reads_classes_in_sorted_order_and_only_image_files(tmp_pat
     classes, samples = read_image_folder(str(tmp_path))
     assert classes == ["a_cat", "b_dog"]
     assert samples == [(str(tmp_path / f"a_cat/{i}.jpg"), 0) for i in range(3)] + [
-        (str(tmp_path / "b_dog/0.png"), 1), (str(tmp_path / "b_dog/1.png"), 1), (str(tmp_path / "b_dog/broken.jpg"), 1)]
+        (str(tmp_path / "b_dog/0.png"), 1), (str(tmp_path / "b_dog/1.png"), 1),
+        (str(tmp_path / "b_dog/broken.jpg"), 1)]
 
 
 def test_unreadable_image_is_skipped_not_replaced(tmp_path):
     write_folder(tmp_path)
     paths = [path for path, _ in read_image_folder(str(tmp_path))[1]]
-    features, indices = image_features(FakeImageModel(), IndexedImages(paths, open_image, EvalTransform(8)),
+    features, indices = image_features(FakeImageModel(),
+                                       IndexedImages(paths, open_image, EvalTransform(8)),
                                        "cpu", batch_size=4)
     assert indices.tolist() == [0, 1, 2, 3, 4]  # broken.jpg, the last, is gone
     assert features.shape == (5, 3)
@@ -80,15 +83,18 @@ def test_image_folder_errors_name_the_problem(tmp_path):
 
 def test_caption_files_group_several_captions_per_image(tmp_path):
     rows = write_captions(tmp_path)
-    expected = ([str(tmp_path / f"img/{i}.png") for i in range(3)], [c for _, c in rows], [0, 1, 0, 2])
+    expected = ([str(tmp_path / f"img/{i}.png") for i in range(3)], [c for _, c in rows],
+                [0, 1, 0, 2])
     assert group_captions_by_image(read_caption_table(str(tmp_path / "captions.csv"))) == expected
-    assert group_captions_by_image(read_caption_table(str(tmp_path / "captions.jsonl"), "image", "text")) == expected
+    jsonl_rows = read_caption_table(str(tmp_path / "captions.jsonl"), "image", "text")
+    assert group_captions_by_image(jsonl_rows) == expected
 
 
 def test_caption_file_naming_missing_images_is_an_error(tmp_path):
     write_captions(tmp_path)
     (tmp_path / "more.csv").write_text("filepath,title\nimg/0.png,ok\ngone/1.png,x\ngone/2.png,y\n")
-    with pytest.raises(DataError, match="2 captioned image.* not found: .*gone/1.png, .*gone/2.png"):
+    with pytest.raises(DataError,
+                       match="2 captioned image.* not found: .*gone/1.png, .*gone/2.png"):
         group_captions_by_image(read_caption_table(str(tmp_path / "more.csv")))
 
 
@@ -99,7 +105,8 @@ def brute_force_recall(similarity, caption_image, k):
                    for i in range(similarity.shape[0])]
     text_ranks = [(similarity[:, j] > similarity[caption_image[j], j]).sum().item()
                   for j in range(similarity.shape[1])]
-    return (sum(r < k for r in image_ranks) / len(image_ranks), sum(r < k for r in text_ranks) / len(text_ranks))
+    return (sum(r < k for r in image_ranks) / len(image_ranks),
+            sum(r < k for r in text_ranks) / len(text_ranks))
 
 
 def test_retrieval_counts_an_image_correct_when_any_of_its_captions_ranks_first():
@@ -118,7 +125,8 @@ def test_blocked_retrieval_equals_brute_force_with_several_captions_per_image():
     generator = torch.Generator().manual_seed(0)
     images = F.normalize(torch.randn(40, 8, generator=generator), dim=-1)
     caption_image = torch.cat([torch.arange(40), torch.randint(0, 40, (60,), generator=generator)])
-    captions = F.normalize(images[caption_image] + 0.9 * torch.randn(100, 8, generator=generator), dim=-1)
+    noise = 0.9 * torch.randn(100, 8, generator=generator)
+    captions = F.normalize(images[caption_image] + noise, dim=-1)
     recall = retrieval_recall(images, captions, caption_image, recall_at=(1, 5, 10), block_size=7)
     for k in (1, 5, 10):
         image_to_text, text_to_image = brute_force_recall(images @ captions.t(), caption_image, k)
@@ -144,18 +152,22 @@ def test_zero_shot_classifier_is_normalized_mean_of_normalized_template_embeddin
     # Not unit rows, so a classifier that skips the first normalization differs.
     table = {t.replace("{}", c): torch.randn(4, generator=generator) * (1 + i) for c in classes
              for i, t in enumerate(templates)}
-    classifier = zero_shot_classifier(FakeTextModel(tokenizer, table), tokenizer, classes, templates, "cpu")
+    classifier = zero_shot_classifier(FakeTextModel(tokenizer, table), tokenizer, classes,
+                                      templates, "cpu")
     for column, name in enumerate(classes):
         prompts = torch.stack([F.normalize(table[t.replace("{}", name)], dim=0) for t in templates])
-        assert torch.allclose(classifier[:, column], F.normalize(prompts.mean(dim=0), dim=0), atol=1e-6)
+        assert torch.allclose(classifier[:, column], F.normalize(prompts.mean(dim=0), dim=0),
+                              atol=1e-6)
 
 
 def test_zero_shot_accuracy_counts_top_k_and_each_class():
     classifier = torch.eye(3)  # class c scores image feature c
     images = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
     labels = torch.tensor([0, 1, 1, 2])  # right, 2nd-ranked, right, 2nd-ranked
-    metrics = zero_shot_accuracy(images, labels, classifier, topk=(1, 2), class_keys=["a", "b", "c"])
-    assert metrics == {"top1": 0.5, "top2": 1.0, "class_top1/a": 1.0, "class_top1/b": 0.5, "class_top1/c": 0.0}
+    metrics = zero_shot_accuracy(images, labels, classifier, topk=(1, 2),
+                                 class_keys=["a", "b", "c"])
+    assert metrics == {"top1": 0.5, "top2": 1.0,
+                       "class_top1/a": 1.0, "class_top1/b": 0.5, "class_top1/c": 0.0}
 
 
 def separable_features(n, generator):
@@ -168,22 +180,24 @@ def test_linear_probe_separates_separable_features():
     probe = linear_probe(*separable_features(150, generator), *separable_features(150, generator),
                          l2_grid=(1e-4, 1e-2, 1))
     assert probe["top1"] >= 0.98
-    assert set(probe) == {"top1", "l2", "sweep/l2=0.0001/heldout_top1", "sweep/l2=0.01/heldout_top1",
-                          "sweep/l2=1/heldout_top1"}
+    assert set(probe) == {"top1", "l2", "sweep/l2=0.0001/heldout_top1",
+                          "sweep/l2=0.01/heldout_top1", "sweep/l2=1/heldout_top1"}
 
 
 def test_linear_probe_stays_near_chance_on_shuffled_labels():
     generator = torch.Generator().manual_seed(0)
     train, test = separable_features(150, generator), separable_features(150, generator)
     shuffle = lambda labels: labels[torch.randperm(len(labels), generator=generator)]
-    probe = linear_probe(train[0], shuffle(train[1]), test[0], shuffle(test[1]), l2_grid=(1e-4, 1e-2, 1))
+    probe = linear_probe(train[0], shuffle(train[1]), test[0], shuffle(test[1]),
+                         l2_grid=(1e-4, 1e-2, 1))
     assert probe["top1"] < 0.5  # chance: 1/3
 
 
 def overlapping_blobs(n, generator, classes=5, dim=20):
     centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1)).double()
     labels = torch.randint(0, classes, (n,), generator=generator)
-    return centers[labels] + 1.5 * torch.randn(n, dim, generator=generator, dtype=torch.float64), labels
+    noise = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    return centers[labels] + 1.5 * noise, labels
 
 
 def test_logistic_regression_is_fit_to_convergence():
@@ -202,13 +216,15 @@ def test_logistic_regression_matches_scikit_learn(l2):
     pytest tests/test_eval.py -k scikit in a virtualenv that has it."""
     sklearn = pytest.importorskip("sklearn.linear_model")
     generator = torch.Generator().manual_seed(0)
-    (train_x, train_y), (test_x, test_y) = overlapping_blobs(600, generator), overlapping_blobs(600, generator)
+    train_x, train_y = overlapping_blobs(600, generator)
+    test_x, test_y = overlapping_blobs(600, generator)
     weight, bias = fit_logistic_regression(train_x, train_y, 5, l2)
     reference = sklearn.LogisticRegression(C=1 / (l2 * len(train_y)), tol=1e-10, max_iter=10_000)
     reference.fit(train_x.numpy(), train_y.numpy())
     assert torch.allclose(weight.t(), torch.from_numpy(reference.coef_), atol=1e-3)
     ours, theirs = (test_x @ weight + bias).argmax(1).numpy(), reference.predict(test_x.numpy())
-    assert (ours == test_y.numpy()).mean() == pytest.approx((theirs == test_y.numpy()).mean(), abs=0.01)
+    assert (ours == test_y.numpy()).mean() == pytest.approx((theirs == test_y.numpy()).mean(),
+                                                            abs=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -230,13 +246,14 @@ def run_eval(*flags):
 def test_cli_zeroshot_on_a_folder_with_a_corrupt_image(checkpoint, tmp_path):
     write_folder(tmp_path / "pets" / "val")
     output = tmp_path / "zeroshot.json"
-    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "pets" / "val"),
-                      "--output", str(output))
+    result = run_eval("zeroshot", "--checkpoint", checkpoint,
+                      "--data", str(tmp_path / "pets" / "val"), "--output", str(output))
     assert result.returncode == 0, result.stderr
     assert "skipped 1 unreadable image(s)" in result.stderr and "broken.jpg" in result.stderr
     metrics = json.loads(output.read_text())
     assert set(metrics) == {f"zeroshot/pets/{k}" for k in  # no top-5 of 2 classes
-                            ("top1", "class_top1/a_cat", "class_top1/b_dog", "images", "skipped_images")}
+                            ("top1", "class_top1/a_cat", "class_top1/b_dog", "images",
+                             "skipped_images")}
     assert metrics["zeroshot/pets/images"] == 5 and metrics["zeroshot/pets/skipped_images"] == 1
 
 
@@ -251,8 +268,10 @@ def test_cli_empty_class_folder_is_one_line_and_exit_code_2(checkpoint, tmp_path
 
 def test_cli_retrieval_on_a_caption_file(checkpoint, tmp_path):
     write_captions(tmp_path)
-    result = run_eval("retrieval", "--checkpoint", checkpoint, "--data", str(tmp_path / "captions.jsonl"),
-                      "--csv-img-key", "image", "--csv-caption-key", "text", "--output", str(tmp_path / "r.json"))
+    result = run_eval("retrieval", "--checkpoint", checkpoint,
+                      "--data", str(tmp_path / "captions.jsonl"),
+                      "--csv-img-key", "image", "--csv-caption-key", "text",
+                      "--output", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "r.json").read_text())
     directions = ("image_to_text", "text_to_image")
@@ -263,14 +282,17 @@ def test_cli_retrieval_on_a_caption_file(checkpoint, tmp_path):
 def test_cli_linear_probe_with_a_feature_cache(checkpoint, tmp_path):
     for split in ("train", "test"):
         write_folder(tmp_path / "pets" / split, corrupt=split == "test")
-    flags = ["linear-probe", "--checkpoint", checkpoint, "--train-data", str(tmp_path / "pets" / "train"),
-             "--test-data", str(tmp_path / "pets" / "test"), "--feature-cache", str(tmp_path / "cache"),
+    flags = ["linear-probe", "--checkpoint", checkpoint,
+             "--train-data", str(tmp_path / "pets" / "train"),
+             "--test-data", str(tmp_path / "pets" / "test"),
+             "--feature-cache", str(tmp_path / "cache"),
              "--l2-grid", "0.1", "10", "--output", str(tmp_path / "p.json")]
     for _ in range(2):  # the second run reads the cache
         result = run_eval(*flags)
         assert result.returncode == 0, result.stderr
         metrics = json.loads((tmp_path / "p.json").read_text())
-        assert metrics["linear_probe/pets/skipped_images"] == 1 and metrics["linear_probe/pets/l2"] in (0.1, 10)
+        assert (metrics["linear_probe/pets/skipped_images"] == 1
+                and metrics["linear_probe/pets/l2"] in (0.1, 10))
     assert len(os.listdir(tmp_path / "cache")) == 4  # features and indices of each split
 
 

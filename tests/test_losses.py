@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import NCLIPLoss, Objective, clip_loss, collapse_monitors, entropy, sinkhorn, xclip_loss
+from losses import (NCLIPLoss, Objective, clip_loss, collapse_monitors, entropy, sinkhorn,
+                    xclip_loss)
 from model import TwoTowerOutput
 
 
@@ -71,11 +72,14 @@ def test_nclip_loss_matches_numpy(lambda_me, lambda_ent):
 
 
 def test_xclip_loss_is_clip_plus_weighted_nclip():
-    model_output = TwoTowerOutput(unit_rows(5, 4, seed=7), unit_rows(5, 4, seed=8), torch.tensor(10.0),
+    model_output = TwoTowerOutput(unit_rows(5, 4, seed=7), unit_rows(5, 4, seed=8),
+                                  torch.tensor(10.0),
                                   torch.randn(5, 13).tanh(), torch.randn(5, 13).tanh(),
                                   unit_rows(5, 4, seed=9), unit_rows(5, 4, seed=10))
-    clip = clip_loss(model_output.image_embeddings, model_output.text_embeddings, model_output.logit_scale)
-    nclip, _ = NCLIPLoss(13)(model_output.image_prototype_logits, model_output.text_prototype_logits)
+    clip = clip_loss(model_output.image_embeddings, model_output.text_embeddings,
+                     model_output.logit_scale)
+    nclip, _ = NCLIPLoss(13)(model_output.image_prototype_logits,
+                             model_output.text_prototype_logits)
     loss, metrics = Objective("xclip", 13, nclip_weight=0.5)(model_output)
     assert loss.item() == pytest.approx(clip.item() + 0.5 * nclip.item(), rel=1e-6)
     assert xclip_loss(clip, nclip, 0.5).item() == pytest.approx(loss.item(), rel=1e-6)
@@ -93,15 +97,18 @@ def nclip_with_center(num_prototypes, regularizer, generator, **options):
     """An NCLIPLoss in eval mode (its DINO center frozen) with a random center."""
     nclip = NCLIPLoss(num_prototypes, regularizer=regularizer, student_temp=0.1, teacher_temp=0.04,
                       me_max_weight=1.0, **options).double().eval()
-    nclip.center.copy_(torch.randn(2, num_prototypes, dtype=torch.float64, generator=generator) * 0.1)
+    center = torch.randn(2, num_prototypes, dtype=torch.float64, generator=generator) * 0.1
+    nclip.center.copy_(center)
     return nclip
 
 
 @pytest.mark.parametrize("regularizer", ["memax", "center"])
 def test_nclip_loss_gradcheck_with_gradient_through_targets(regularizer):
     generator = torch.Generator().manual_seed(11)
-    image_logits = torch.randn(4, 6, dtype=torch.float64, generator=generator).tanh().requires_grad_()
-    text_logits = torch.randn(4, 6, dtype=torch.float64, generator=generator).tanh().requires_grad_()
+    image_logits = (torch.randn(4, 6, dtype=torch.float64, generator=generator)
+                    .tanh().requires_grad_())
+    text_logits = (torch.randn(4, 6, dtype=torch.float64, generator=generator)
+                   .tanh().requires_grad_())
     nclip = nclip_with_center(6, regularizer, generator, entropy_weight=0.5, target_grad=True)
     assert torch.autograd.gradcheck(lambda v, t: nclip(v, t)[0], (image_logits, text_logits))
 
@@ -131,8 +138,10 @@ def frozen_target_loss_numpy(image_logits, text_logits, q_v, q_t, tau_s, lambda_
 @pytest.mark.parametrize("regularizer", ["memax", "center", "sinkhorn"])
 def test_nclip_gradient_with_stopped_targets_matches_finite_differences(regularizer):
     generator = torch.Generator().manual_seed(10)
-    image_logits = torch.randn(5, 7, dtype=torch.float64, generator=generator).tanh().requires_grad_()
-    text_logits = torch.randn(5, 7, dtype=torch.float64, generator=generator).tanh().requires_grad_()
+    image_logits = (torch.randn(5, 7, dtype=torch.float64, generator=generator)
+                    .tanh().requires_grad_())
+    text_logits = (torch.randn(5, 7, dtype=torch.float64, generator=generator)
+                   .tanh().requires_grad_())
     nclip = nclip_with_center(7, regularizer, generator, entropy_weight=0.5)
     loss, _ = nclip(image_logits, text_logits)
     loss.backward()
@@ -146,8 +155,10 @@ def test_nclip_gradient_with_stopped_targets_matches_finite_differences(regulari
 
     def loss_of_text(x):
         return frozen_target_loss_numpy(x_v, x, q_v, q_t, 0.1, lambda_me, 0.5)
-    np.testing.assert_allclose(image_logits.grad.numpy(), numerical_gradient(loss_of_image, x_v), atol=1e-6)
-    np.testing.assert_allclose(text_logits.grad.numpy(), numerical_gradient(loss_of_text, x_t), atol=1e-6)
+    np.testing.assert_allclose(image_logits.grad.numpy(), numerical_gradient(loss_of_image, x_v),
+                               atol=1e-6)
+    np.testing.assert_allclose(text_logits.grad.numpy(), numerical_gradient(loss_of_text, x_t),
+                               atol=1e-6)
 
 
 def test_xclip_objective_gradcheck():
@@ -158,8 +169,8 @@ def test_xclip_objective_gradcheck():
     text_logits = torch.randn(4, 5, dtype=torch.float64).tanh().requires_grad_()
 
     def loss(u, w, image_logits, text_logits):
-        out = TwoTowerOutput(u, w, torch.tensor(2.0, dtype=torch.float64), image_logits, text_logits,
-                             image_bottleneck=u, text_bottleneck=w)
+        out = TwoTowerOutput(u, w, torch.tensor(2.0, dtype=torch.float64),
+                             image_logits, text_logits, image_bottleneck=u, text_bottleneck=w)
         return objective(out)[0]
     assert torch.autograd.gradcheck(loss, (u, w, image_logits, text_logits))
 

@@ -25,7 +25,8 @@ def expected_params(c, objective):
         total += (c.vision_width + c.text_width) * c.embed_dim + 1
     if objective in ("nclip", "xclip"):
         hidden, bottleneck = c.head_hidden_dim, c.head_bottleneck_dim
-        mlp_tail = (c.head_layers - 2) * (hidden * hidden + hidden) + hidden * bottleneck + bottleneck
+        mlp_tail = ((c.head_layers - 2) * (hidden * hidden + hidden)
+                    + hidden * bottleneck + bottleneck)
         for width in (c.vision_width, c.text_width):
             total += width * hidden + hidden + mlp_tail + c.num_prototypes * bottleneck
     return total
@@ -119,7 +120,8 @@ def test_evaluation_subtracts_the_running_center_of_the_training_batches():
     features = torch.randn(6, head.mlp[0].in_features)
     bottleneck, _ = head(features)
     cosines = bottleneck @ F.normalize(head.prototypes, dim=-1).t()
-    assert torch.allclose(head.running_center, 0.1 * cosines.mean(0), atol=1e-6)  # momentum 0.9, from 0
+    # momentum 0.9, from 0
+    assert torch.allclose(head.running_center, 0.1 * cosines.mean(0), atol=1e-6)
     head.eval()
     _, evaluated = head(features)
     assert torch.allclose(evaluated, cosines - head.running_center, atol=1e-6)

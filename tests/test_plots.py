@@ -13,13 +13,15 @@ def test_ticks_are_round_and_cover_the_range():
 
 def test_line_panels_and_bar_chart_write_images(tmp_path):
     panels = [Panel("loss", "step", {"clip": ([0, 10, 20], [4.8, 3.0, 2.5])}),
-              Panel("zero-shot", "step", {"clip": ([10, 20], [0.2, 0.4]), "nclip": ([10, 20], [0.1, 0.2])}),
+              Panel("zero-shot", "step", {"clip": ([10, 20], [0.2, 0.4]),
+                                          "nclip": ([10, 20], [0.1, 0.2])}),
               Panel("empty", "step", {})]
     line_panels(tmp_path / "curves.png", panels, columns=2, panel_size=(300, 200))
     with Image.open(tmp_path / "curves.png") as image:
         assert image.size == (600, 400)
         assert len(image.getcolors(1 << 16)) > 3  # something was drawn
-    bar_chart(tmp_path / "bars.png", "metrics", ["a", "b"], {"clip": [0.5, 1.0], "nclip": [0.2, float("nan")]},
+    bar_chart(tmp_path / "bars.png", "metrics", ["a", "b"],
+              {"clip": [0.5, 1.0], "nclip": [0.2, float("nan")]},
               {"clip": [0.05, 0.0], "nclip": [0.01, 0.0]}, size=(500, 300))
     with Image.open(tmp_path / "bars.png") as image:
         assert image.size == (500, 300)

@@ -6,8 +6,8 @@ from argparse import Namespace
 import pytest
 
 from conftest import jpeg_bytes, write_tar_shards
-from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream, Tokenizer,
-                  EvalTransform, expand_shards, make_loader, tar_samples)
+from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream,
+                  Tokenizer, EvalTransform, expand_shards, make_loader, tar_samples)
 from train import build_train_loader
 
 TOKENIZER = Tokenizer(context_length=8)
@@ -24,7 +24,8 @@ def skip_counts(batches):
 
 def test_brace_expansion_keeps_zero_padding_and_lists():
     assert expand_shards("/d/{00008..00011}.tar") == [f"/d/{i:05d}.tar" for i in range(8, 12)]
-    assert expand_shards("/d/{a,b}-{0..1}.tar") == ["/d/a-0.tar", "/d/a-1.tar", "/d/b-0.tar", "/d/b-1.tar"]
+    assert expand_shards("/d/{a,b}-{0..1}.tar") == ["/d/a-0.tar", "/d/a-1.tar",
+                                                    "/d/b-0.tar", "/d/b-1.tar"]
     assert expand_shards("/x.tar::/y/{1..2}.tar") == ["/x.tar", "/y/1.tar", "/y/2.tar"]
 
 
@@ -37,11 +38,13 @@ def test_tar_samples_group_files_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2)])
-def test_tar_stream_reads_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path, world_size, workers):
+def test_tar_stream_reads_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path,
+                                                                               world_size, workers):
     shards = write_tar_shards(str(tmp_path), num_shards=5, per_shard=4)
     seen = []
     for rank in range(world_size):
-        stream = TarShardStream(shards, TRANSFORM, TOKENIZER, rank, world_size, seed=3, shuffle_buffer=3, epochs=1)
+        stream = TarShardStream(shards, TRANSFORM, TOKENIZER, rank, world_size, seed=3,
+                                shuffle_buffer=3, epochs=1)
         seen += captions_of(make_loader(stream, batch_size=1, workers=workers))
     assert sorted(seen) == sorted(f"caption {k}" for k in range(20))
 
@@ -59,7 +62,8 @@ def test_tar_stream_skips_and_counts_bad_images_captions_and_shards(tmp_path):
 def test_tar_stream_resume_skips_the_shards_already_read(tmp_path):
     shards = write_tar_shards(str(tmp_path), 4, 2)
     whole = TarShardStream(shards, TRANSFORM, TOKENIZER, seed=1, shuffle_buffer=1, epochs=1)
-    resumed = TarShardStream(shards, TRANSFORM, TOKENIZER, seed=1, shuffle_buffer=1, epochs=1, start_fraction=0.5)
+    resumed = TarShardStream(shards, TRANSFORM, TOKENIZER, seed=1, shuffle_buffer=1, epochs=1,
+                             start_fraction=0.5)
     whole_captions = captions_of(make_loader(whole, batch_size=1))
     assert captions_of(make_loader(resumed, batch_size=1)) == whole_captions[4:]
 
@@ -93,21 +97,25 @@ def test_caption_table_passes_over_corrupt_images_and_empty_captions(tmp_path):
                                   TRANSFORM, TOKENIZER)
     image, tokens, skipped = dataset[1]  # rows 1 and 2 are bad: row 3 stands in
     assert TOKENIZER.decode(tokens) == "caption 3"
-    assert dict(zip(SKIP_REASONS, skipped.tolist())) == {"bad_image": 1, "bad_caption": 1, "bad_shard": 0}
+    assert dict(zip(SKIP_REASONS, skipped.tolist())) == {"bad_image": 1, "bad_caption": 1,
+                                                         "bad_shard": 0}
 
 
 def loader_args(train_data, **overrides):
-    return Namespace(**{**dict(train_data=train_data, min_crop_scale=0.5, seed=0, batch_size=2, workers=0,
-                               train_num_samples=8, shuffle_buffer=4, csv_img_key="filepath",
-                               csv_caption_key="title", csv_separator=None), **overrides})
+    defaults = dict(train_data=train_data, min_crop_scale=0.5, seed=0, batch_size=2, workers=0,
+                    train_num_samples=8, shuffle_buffer=4, csv_img_key="filepath",
+                    csv_caption_key="title", csv_separator=None)
+    return Namespace(**{**defaults, **overrides})
 
 
 def test_train_loader_names_missing_shards_and_needs_a_sample_count(tmp_path):
     write_tar_shards(str(tmp_path), 2, 2)
     with pytest.raises(DataError, match="1 of 3 shards missing"):
-        build_train_loader(loader_args(str(tmp_path / "{00000..00002}.tar")), 16, TOKENIZER, 0, 1, 0)
+        build_train_loader(loader_args(str(tmp_path / "{00000..00002}.tar")),
+                           16, TOKENIZER, 0, 1, 0)
     with pytest.raises(DataError, match="--train-num-samples"):
-        build_train_loader(loader_args(str(tmp_path / "{00000..00001}.tar"), train_num_samples=None),
+        build_train_loader(loader_args(str(tmp_path / "{00000..00001}.tar"),
+                                       train_num_samples=None),
                            16, TOKENIZER, 0, 1, 0)
     images, tokens, skipped = next(iter(build_train_loader(
         loader_args(str(tmp_path / "{00000..00001}.tar")), 16, TOKENIZER, 0, 1, 0)))

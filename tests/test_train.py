@@ -44,7 +44,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
     assert run_train(*flags, "--out-dir", straight).returncode == 0
 
     process = subprocess.Popen([sys.executable, "train.py", *flags, "--out-dir", stopped],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     log = os.path.join(stopped, "log.jsonl")
     while not (os.path.exists(log) and len(open(log).readlines()) >= 5):
         assert process.poll() is None, process.stderr.read()
@@ -65,7 +66,8 @@ def trained(tmp_path_factory):
     """One short run per objective, shared by the tests that read its results."""
     def train(loss):
         out_dir = str(tmp_path_factory.mktemp(loss))
-        result = run_train(*SMALL, "--loss", loss, "--steps", "150", "--out-dir", out_dir, "--lr", "2e-3")
+        result = run_train(*SMALL, "--loss", loss, "--steps", "150", "--out-dir", out_dir,
+                           "--lr", "2e-3")
         assert result.returncode == 0, result.stderr[-2000:]
         with open(os.path.join(out_dir, "final_metrics.json")) as f:
             metrics = json.load(f)
@@ -105,8 +107,8 @@ PAPER_FORM = ["--no-center-prototype-logits", "--entropy-weight", "0", "--me-max
 
 
 def test_the_collapse_monitor_catches_the_papers_form_collapsing(tmp_path):
-    result = run_train(*SMALL, "--loss", "nclip", "--steps", "100", *PAPER_FORM, "--val-samples", "20",
-                       "--out-dir", str(tmp_path))
+    result = run_train(*SMALL, "--loss", "nclip", "--steps", "100", *PAPER_FORM,
+                       "--val-samples", "20", "--out-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "log.jsonl") as f:
         last = last_training_line([json.loads(line) for line in f])

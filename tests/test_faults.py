@@ -36,6 +36,11 @@ def assert_one_line_error(result, message, code=2):
 
 
 @pytest.mark.parametrize("flags,message", [
+    (["--model", "vit_h14"], "invalid choice: 'vit_h14'"),
+    (["--batch-size", "-4"], "must be a positive integer"),
+    (["--synthetic-loose-fraction", "1.5"], "must be in [0, 1]"),
+    (["--out-dir", "/dev/null/out"], "is not writable"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--lr", "inf"], "must be a finite number >= 0"),
     (["--beta1", "1.5"], "must be in [0, 1)"),
     (["--eps", "-1"], "must be a positive number"),
@@ -49,7 +54,8 @@ def assert_one_line_error(result, message, code=2):
     (["--train-data", "x/{9..1}.tar", "--train-num-samples", "4"], "not a range"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path, flags, message):
-    assert_one_line_error(run_train(*MINI, *flags, "--out-dir", str(tmp_path), timeout=60), message)
+    result = run_train(*MINI, "--out-dir", str(tmp_path), *flags, timeout=60)
+    assert_one_line_error(result, message)
 
 
 @pytest.fixture(scope="module")

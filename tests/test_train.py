@@ -1,5 +1,6 @@
-"""train.py as a user runs it: bad input is one line and exit code 2, a run can be
-stopped and resumed exactly, and each objective learns on the built-in data."""
+"""train.py as a user runs it: a run can be stopped and resumed exactly, evaluation
+during training changes nothing, and each objective learns on the built-in data (the
+collapse monitor catches the paper's form of nCLIP collapsing). Bad input: test_faults.py."""
 import json
 import os
 import signal
@@ -17,21 +18,6 @@ SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
 
 def run_train(*flags, timeout=600):
     return run_script("train.py", *flags, timeout=timeout)
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--model", "vit_h14"], "invalid choice: 'vit_h14'"),
-    (["--batch-size", "-4"], "must be a positive integer"),
-    (["--synthetic-loose-fraction", "1.5"], "must be in [0, 1]"),
-    (["--out-dir", "/dev/null/out"], "is not writable"),
-    (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
-])
-def test_bad_input_is_one_line_and_exit_code_2(flags, message):
-    result = run_train(*flags, timeout=60)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
 
 
 def final_weights(out_dir):

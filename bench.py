@@ -8,6 +8,7 @@ times its step: forward under autocast, loss, backward, gradient clipping, AdamW
 Prints ms/step, samples/s, peak memory, model FLOPs per sample and MFU.
 
     python bench.py --compare clip xclip open_clip         # interleaved, in one process
+    python bench.py --batch-size 32 --accum-freq 4         # accumulation, against --batch-size 128
 
 --compare times several steps on the same batch, alternating one step of each, so a busy
 machine slows them all alike, and prints each one's speed against the first. `open_clip`
@@ -154,7 +155,7 @@ def our_step(args, loss, device, autocast):
     trainee = Trainee(model, train_model, objective, optimizer, autocast, args.grad_clip)
 
     def step(images, tokens):
-        train_step(trainee, images, tokens)
+        train_step(trainee, images, tokens, accum_freq=args.accum_freq)
     return step, model.num_params()
 
 
@@ -221,7 +222,8 @@ def main():
             steps[name], params[name] = open_clip_step(args, config, device, autocast)
         else:
             steps[name], params[name] = our_step(args, name, device, autocast)
-    batch = synthetic_batch(config, args.batch_size, device)
+    step_batch = args.batch_size * args.accum_freq  # samples per optimizer step
+    batch = synthetic_batch(config, step_batch, device)
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,7 +231,8 @@ def main():
     seconds = dict(zip(names, timed))
     precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
     compiled = " | compiled" if args.compile else ""
-    print(f"{args.model} | batch {args.batch_size} | {device} | {precision}{compiled} | "
+    accumulated = f" = {args.accum_freq} x {args.batch_size}" if args.accum_freq > 1 else ""
+    print(f"{args.model} | batch {step_batch}{accumulated} | {device} | {precision}{compiled} | "
           f"median of {args.steps} steps after {args.warmup_steps} warm-up, "
           f"{time.perf_counter() - started:.0f} s in all")
     peak = peak_tflops(args, device)
@@ -238,11 +241,11 @@ def main():
         median = statistics.median(seconds[name])
         relative = f" | {first / median:.2f}x the speed of {names[0]}" if name != names[0] else ""
         print(f"{name}: {params[name] / 1e6:.2f}M parameters | ms/step: {1000 * median:.1f} "
-              f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {args.batch_size / median:.1f}"
+              f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {step_batch / median:.1f}"
               f"{relative}")
         if name != "open_clip":
-            flops = flops_per_sample(config, name, args.batch_size)
-            achieved = flops * args.batch_size / median / 1e12
+            flops = flops_per_sample(config, name, step_batch)
+            achieved = flops * step_batch / median / 1e12
             mfu = (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
                    f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "
                    f"{achieved:.3f} TFLOP/s achieved")

@@ -201,19 +201,24 @@ class PrototypeHead(nn.Module):
         if center_logits:
             self.register_buffer("running_center", torch.zeros(num_prototypes))
 
-    def forward(self, features):  # (B, in_dim) -> bottleneck (B, bottleneck_dim), logits (B, K)
+    def forward(self, features):  # (B, in_dim) -> bottleneck (B, bottleneck_dim), cosines (B, K)
         bottleneck = F.normalize(self.mlp(features), dim=-1)
-        logits = bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+        return bottleneck, bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+
+    def center(self, cosines, update_running_center=True):
+        """The prototype logits h(f): the cosines minus each prototype's mean over the
+        global batch in training (and that mean folded into the running center), minus
+        the running center in evaluation; the cosines themselves without centering."""
         if not self.center_logits:
-            return bottleneck, logits
-        if self.training:
-            center = global_mean(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            return cosines
+        if not self.training:
+            return cosines - self.running_center
+        center = global_mean(cosines.to(torch.promote_types(cosines.dtype, torch.float32)))
+        if update_running_center:
             with torch.no_grad():
                 running_center = self.running_center
                 running_center.lerp_(center.to(running_center.dtype), 1 - self.center_momentum)
-        else:
-            center = self.running_center
-        return bottleneck, logits - center
+        return cosines - center
 
     @torch.no_grad()
     def parameter_norms(self):
@@ -299,14 +304,16 @@ class TwoTowerModel(nn.Module):
         features = self.encode_image(images)
         if self.has_clip:
             return F.normalize(self.image_projection(features), dim=-1)
-        return self.prototype_embedding(self.image_head(features)[1])
+        _, cosines = self.image_head(features)
+        return self.prototype_embedding(self.image_head.center(cosines))
 
     def embed_text(self, tokens):
         """Unit-norm text embedding: w = normalize(W_t f_t), or sqrt(p_t) for nCLIP."""
         features = self.encode_text(tokens)
         if self.has_clip:
             return F.normalize(self.text_projection(features), dim=-1)
-        return self.prototype_embedding(self.text_head(features)[1])
+        _, cosines = self.text_head(features)
+        return self.prototype_embedding(self.text_head.center(cosines))
 
     def prototype_embedding(self, prototype_logits):
         """nCLIP has no joint space but the prototypes: embed a sample as the square
@@ -314,7 +321,10 @@ class TwoTowerModel(nn.Module):
         product with another is the Bhattacharyya coefficient sum_k sqrt(p_k q_k)."""
         return F.softmax(prototype_logits.float() / self.student_temp, dim=-1).sqrt()
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens, center_prototype_logits=True):
+        """A TwoTowerOutput. With center_prototype_logits=False the prototype logits are
+        the heads' raw cosines, for a caller that centers a larger batch assembled from
+        several calls (gradient accumulation, train.py)."""
         image_features, text_features = self.encode_image(images), self.encode_text(tokens)
         out = TwoTowerOutput()
         if self.has_clip:
@@ -324,7 +334,17 @@ class TwoTowerModel(nn.Module):
         if self.has_prototypes:
             out.image_bottleneck, out.image_prototype_logits = self.image_head(image_features)
             out.text_bottleneck, out.text_prototype_logits = self.text_head(text_features)
+            if center_prototype_logits:
+                out = self.center_prototype_logits(out)
         return out
+
+    def center_prototype_logits(self, out, update_running_center=True):
+        """`out` with each head's cosines centered over its batch (PrototypeHead.center)."""
+        if not self.has_prototypes:
+            return out
+        image_logits = self.image_head.center(out.image_prototype_logits, update_running_center)
+        text_logits = self.text_head.center(out.text_prototype_logits, update_running_center)
+        return replace(out, image_prototype_logits=image_logits, text_prototype_logits=text_logits)
 
     @torch.no_grad()
     def head_norms(self):

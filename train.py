@@ -33,8 +33,8 @@ from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorPars
 from eval import print_table, read_checkpoint
 from losses import REGULARIZERS, Objective
 from plots import Panel, line_panels
-from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, autocast_context,
-                   default_device, model_config)
+from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
+                   autocast_context, default_device, model_config)
 from synthetic import (COLORS, INDICES, SHAPES, SyntheticCaptions, evaluation,
                        zero_shot_evaluation)
 
@@ -60,6 +60,9 @@ def build_parser():
                                      help=f.metadata["help"])
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per process; the global batch is this times the processes")
+    p.add_argument("--accum-freq", type=positive_int, default=1,
+                   help="micro-batches of --batch-size per optimizer step; the loss and gradient "
+                        "are those of the whole batch (its negatives and ME-MAX included)")
     p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps")
     p.add_argument("--lr", type=non_negative_float, default=5e-4,
                    help="peak learning rate (CLIP's for B/16; on the tiny preset 2e-3 learns "
@@ -203,22 +206,23 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
     `start_sample` on, for a resumed run."""
     min_crop_scale = args.min_crop_scale or (0.8 if args.train_data == "synthetic" else 0.5)
     transform = TrainTransform(image_size, scale=(min_crop_scale, 1.0))
+    batch_size = args.batch_size * args.accum_freq  # this rank's samples per optimizer step
     sampler = None
     if args.train_data == "synthetic":
         dataset = SyntheticCaptions(
             "train", INDICES, args.seed, image_size, transform, tokenizer,
             args.synthetic_loose_fraction, args.synthetic_unrelated_fraction,
             args.synthetic_heldout_pairs)
-        sampler = ResumableSampler(None, args.batch_size, rank, world_size, start_sample,
+        sampler = ResumableSampler(None, batch_size, rank, world_size, start_sample,
                                    args.seed, finite=False)
     elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
         dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
                                       args.csv_caption_key, args.csv_separator, args.seed)
-        sampler = ResumableSampler(len(dataset), args.batch_size, rank, world_size, start_sample,
+        sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, start_sample,
                                    args.seed)
     else:
         dataset = tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample)
-    return make_loader(dataset, args.batch_size, sampler, args.workers,
+    return make_loader(dataset, batch_size, sampler, args.workers,
                        pin_memory=torch.cuda.is_available())
 
 
@@ -275,15 +279,57 @@ def learning_rate(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(trainee, images, tokens, on_nonfinite="stop"):
+def forward_backward(trainee, images, tokens, accum_freq=1):
+    """The loss of the batch and its gradient, accumulated in the parameters' .grad.
+
+    With accum_freq K the batch goes through in K micro-batches and the result is the
+    whole batch's, as open_clip accumulates: a no-grad pass caches every micro-batch's
+    outputs, then each micro-batch is recomputed with gradient and scored together with
+    the cached rest, so that CLIP keeps all its negatives and nCLIP's centering and
+    ME-MAX see the whole batch. -> (loss, metrics)"""
+    if accum_freq == 1:
+        with trainee.autocast:
+            loss, metrics = trainee.objective(trainee.train_model(images, tokens))
+        loss.backward()
+        return loss, metrics
+    micro_batches = list(zip(images.chunk(accum_freq), tokens.chunk(accum_freq)))
+    with torch.no_grad(), trainee.autocast:
+        cached = [trainee.train_model(i, t, center_prototype_logits=False)
+                  for i, t in micro_batches]
+    for j, (micro_images, micro_tokens) in enumerate(micro_batches):
+        last = j == accum_freq - 1
+        trainee.objective.train(last)  # state (DINO's center) moves once, after its last use
+        with trainee.autocast:
+            fresh = trainee.train_model(micro_images, micro_tokens, center_prototype_logits=False)
+            whole = concatenate_outputs(cached[:j] + [fresh] + cached[j + 1:], fresh, accum_freq)
+            whole = trainee.model.center_prototype_logits(whole, update_running_center=last)
+            loss, metrics = trainee.objective(whole)
+        loss.backward()
+    return loss, metrics
+
+
+def concatenate_outputs(outputs, fresh, accum_freq):
+    """One TwoTowerOutput of the micro-batches' rows, in order. The logit scale scores
+    every row, cached ones too: each of the K recomputations passes back 1/K of its
+    gradient, so that they add up to the whole batch's."""
+    whole = TwoTowerOutput()
+    for field in fields(TwoTowerOutput):
+        values = [getattr(out, field.name) for out in outputs]
+        if field.name == "logit_scale" and fresh.logit_scale is not None:
+            scale = fresh.logit_scale
+            setattr(whole, field.name, scale.detach() + (scale - scale.detach()) / accum_freq)
+        elif values[0] is not None:
+            setattr(whole, field.name, torch.cat(values))
+    return whole
+
+
+def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
     """Forward under autocast, loss, backward, clip, AdamW step, clamp the logit scale.
     Nothing here waits for the device: the metrics stay tensors until a log line reads
     them, and a non-finite loss or gradient is counted, then acted on at that line;
     with on_nonfinite="skip" the step checks it at once (a sync) and skips the update.
     -> {"loss", "grad_norm", "nonfinite", and the objective's metrics}"""
-    with trainee.autocast:
-        loss, metrics = trainee.objective(trainee.train_model(images, tokens))
-    loss.backward()
+    loss, metrics = forward_backward(trainee, images, tokens, accum_freq)
     max_norm = trainee.grad_clip or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
     nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
@@ -338,11 +384,15 @@ def check_checkpoint_matches(checkpoint, path, args, world_size):
             flag = "--" + name.replace("_", "-")
             raise DataError(f"{path} has {flag} {value}, these flags give {config.get(name)}; "
                             f"pass --model {saved.get('model')} and {flag} {value}")
-    saved_batch = saved.get("batch_size", args.batch_size) * saved.get("world_size", world_size)
-    if saved_batch != args.batch_size * world_size:
+    saved_batch = saved.get("global_batch")
+    global_batch = args.batch_size * args.accum_freq * world_size
+    if saved_batch != global_batch:
+        flags = f"--batch-size {saved.get('batch_size')}"
+        if saved.get("accum_freq", 1) > 1:
+            flags += f" --accum-freq {saved['accum_freq']}"
         raise DataError(f"{path} was trained with a global batch of {saved_batch}, these flags "
-                        f"give {args.batch_size * world_size}: the data order would differ; "
-                        f"pass --batch-size {saved.get('batch_size')}")
+                        f"give {global_batch}: the data order would differ; pass {flags} (on "
+                        "as many processes)")
 
 
 def restore_checkpoint(checkpoint, trainee):
@@ -545,7 +595,7 @@ def train(args):
         train_model = torch.compile(train_model)
     trainee = Trainee(model, train_model, objective, optimizer,
                       autocast_context(device, args.precision), args.grad_clip)
-    global_batch = args.batch_size * world_size
+    global_batch = args.batch_size * args.accum_freq * world_size
     args.global_batch = global_batch
     start_step, skip_counts = 0, {}
     if args.resume:
@@ -580,7 +630,8 @@ def train(args):
             phase = "training"
             skipped += skipped_now.sum(dim=0)
             log.add(train_step(trainee, images.to(device, non_blocking=True),
-                               tokens.to(device, non_blocking=True), args.on_nonfinite))
+                               tokens.to(device, non_blocking=True), args.on_nonfinite,
+                               args.accum_freq))
             bar.update(1)
             after_step(trainee, tokenizer, args, device, log, step + 1, lr, skipped,
                        checkpoint_path)

@@ -83,3 +83,11 @@ def test_compiled_step_has_one_graph_and_no_recompiles(objective):
             images, tokens = synthetic_batch(config, 4, "cpu")
             metrics = train_step(trainee, images, tokens)
     assert torch.isfinite(metrics["loss"])
+
+
+def test_bench_times_an_accumulated_step_on_the_whole_batch():
+    result = run_bench("--device", "cpu", "--batch-size", "4", "--accum-freq", "2",
+                       "--warmup-steps", "1", "--steps", "1", "--vision-layers", "1",
+                       "--text-layers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "batch 8 = 2 x 4" in result.stdout

@@ -2,6 +2,7 @@
 DDP averages them, the same parameter gradients. And a 2-rank torchrun of train.py on
 tar shards with bad samples in them."""
 import gc
+from contextlib import nullcontext
 import json
 import os
 import socket
@@ -17,12 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import ROOT, SMALL_MODEL, small_config, write_tar_shards
 from losses import Objective
 from model import TwoTowerModel
+from train import Trainee, forward_backward
 GLOBAL_BATCH, EOT = 8, 999  # the small config's end-of-text token
 
 
-def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
+def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1, accum_freq=1):
     """This rank's share of one fixed global batch: the loss averaged over ranks, and
-    the parameter gradients as DDP leaves them."""
+    the parameter gradients as DDP leaves them; with accum_freq, in that many
+    micro-batches (train.py's --accum-freq)."""
     torch.manual_seed(0)
     # float64: the nCLIP gradients reach the hundreds at this size, where float32 rounding
     # alone differs between a sum over 8 rows and two sums over 4.
@@ -34,8 +37,8 @@ def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
     tokens[:, 5] = EOT
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     trained = DistributedDataParallel(model) if world_size > 1 else model
-    loss, _ = objective(trained(images[local], tokens[local]))
-    loss.backward()
+    trainee = Trainee(model, trained, objective, None, nullcontext(), 1.0)
+    loss, _ = forward_backward(trainee, images[local], tokens[local], accum_freq)
     loss = loss.detach()
     if world_size > 1:
         dist.all_reduce(loss)
@@ -43,10 +46,10 @@ def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1):
     return loss, {name: p.grad for name, p in model.named_parameters()}
 
 
-def rank_main(rank, world_size, port, objective_name, local_loss, result_path):
+def rank_main(rank, world_size, port, objective_name, local_loss, result_path, accum_freq=1):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
-    result = loss_and_gradients(objective_name, local_loss, rank, world_size)
+    result = loss_and_gradients(objective_name, local_loss, rank, world_size, accum_freq)
     if rank == 0:
         torch.save(result, result_path)
     gc.collect()  # free DDP's reducer now, not during interpreter teardown, where gloo can abort
@@ -73,6 +76,47 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, objectiv
     assert gradients.keys() == expected_gradients.keys()
     for name, expected in expected_gradients.items():
         torch.testing.assert_close(gradients[name], expected, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def assert_same_loss_and_gradients(result, expected):
+    (loss, gradients), (expected_loss, expected_gradients) = result, expected
+    torch.testing.assert_close(loss, expected_loss, atol=1e-10, rtol=1e-10)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, expected_gradient in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], expected_gradient, atol=1e-10, rtol=1e-10,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("objective_name", ["clip", "nclip", "xclip"])
+def test_accumulating_four_micro_batches_equals_the_whole_batch(objective_name):
+    whole = loss_and_gradients(objective_name)
+    assert_same_loss_and_gradients(loss_and_gradients(objective_name, accum_freq=4), whole)
+
+
+def centers_after_one_batch(accum_freq):
+    """The head's running center and DINO's center after one batch, in micro-batches."""
+    torch.manual_seed(0)
+    model = TwoTowerModel(small_config(), "nclip").double()
+    objective = Objective("nclip", num_prototypes=16, regularizer="center").double()
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator, dtype=torch.float64)
+    tokens = torch.randint(0, EOT, (GLOBAL_BATCH, 8), generator=generator)
+    tokens[:, 5] = EOT
+    forward_backward(Trainee(model, model, objective, None, nullcontext(), 1.0), images, tokens,
+                     accum_freq)
+    return model.image_head.running_center, objective.nclip.center
+
+
+def test_accumulation_moves_each_center_once_per_step():
+    for whole, accumulated in zip(centers_after_one_batch(1), centers_after_one_batch(4)):
+        torch.testing.assert_close(accumulated, whole, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("objective_name", ["clip", "xclip"])
+def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path, objective_name):
+    result_path = str(tmp_path / "two_ranks.pt")
+    mp.spawn(rank_main, args=(2, free_port(), objective_name, False, result_path, 2), nprocs=2)
+    assert_same_loss_and_gradients(torch.load(result_path), loss_and_gradients(objective_name))
 
 
 def test_torchrun_two_ranks_on_tar_shards_with_bad_samples(tmp_path):

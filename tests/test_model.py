@@ -90,7 +90,7 @@ def test_nclip_zero_shot_embedding_is_the_root_of_the_prototype_distribution():
     model = small_model("nclip")
     images = torch.randn(2, 3, 16, 16)
     embedding = model.embed_image(images)
-    _, logits = model.image_head(model.encode_image(images))
+    logits = model(images, torch.full((2, 8), 999)).image_prototype_logits
     p = torch.softmax(logits / model.student_temp, dim=-1)
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2))
     assert torch.allclose(embedding ** 2, p, atol=1e-6)
@@ -111,25 +111,26 @@ def test_weight_decay_applies_to_weight_matrices_only():
 def test_centered_prototype_logits_have_zero_batch_mean_in_training():
     model = small_model("nclip").train()
     images = torch.randn(6, 3, 16, 16)
-    _, logits = model.image_head(model.encode_image(images))
-    assert torch.allclose(logits.mean(dim=0), torch.zeros(model.config.num_prototypes), atol=1e-6)
+    logits = model(images, torch.full((6, 8), 999)).image_prototype_logits
+    zeros = torch.zeros(model.config.num_prototypes)
+    assert torch.allclose(logits.mean(dim=0), zeros, atol=1e-6)
 
 
 def test_evaluation_subtracts_the_running_center_of_the_training_batches():
     head = small_model("nclip").train().image_head
     features = torch.randn(6, head.mlp[0].in_features)
-    bottleneck, _ = head(features)
-    cosines = bottleneck @ F.normalize(head.prototypes, dim=-1).t()
+    bottleneck, cosines = head(features)
+    assert torch.allclose(cosines, bottleneck @ F.normalize(head.prototypes, dim=-1).t())
+    head.center(cosines)
     # momentum 0.9, from 0
     assert torch.allclose(head.running_center, 0.1 * cosines.mean(0), atol=1e-6)
     head.eval()
-    _, evaluated = head(features)
-    assert torch.allclose(evaluated, cosines - head.running_center, atol=1e-6)
+    assert torch.allclose(head.center(cosines), cosines - head.running_center, atol=1e-6)
 
 
 def test_uncentered_prototype_logits_are_cosines():
     config = small_config(center_prototype_logits=False)
     model = TwoTowerModel(config, "nclip")
-    _, logits = model.image_head(torch.randn(4, config.vision_width))
+    logits = model(torch.randn(4, 3, 16, 16), torch.full((4, 8), 999)).image_prototype_logits
     assert logits.abs().max() <= 1 + 1e-6
     assert not hasattr(model.image_head, "running_center")

@@ -112,3 +112,14 @@ def test_evaluation_during_training_is_logged_and_changes_nothing(tmp_path):
     assert [line["step"] for line in log if "zeroshot/shape/top1" in line] == [5, 10]
     expected, actual = final_weights(plain), final_weights(evaluated)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_accumulation_on_the_command_line_trains_like_the_whole_batch(tmp_path):
+    flags = SMALL_MODEL + ["--steps", "3", "--val-samples", "20", "--loss", "xclip"]
+    whole, accumulated = str(tmp_path / "whole"), str(tmp_path / "accumulated")
+    assert run_train(*flags, "--batch-size", "32", "--out-dir", whole).returncode == 0
+    result = run_train(*flags, "--batch-size", "8", "--accum-freq", "4", "--out-dir", accumulated)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, actual = final_weights(whole), final_weights(accumulated)
+    # float32 sums in another order: equal to rounding, not bit for bit
+    assert all(torch.allclose(expected[k], actual[k], atol=1e-5) for k in expected)

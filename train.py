@@ -30,7 +30,7 @@ from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorPars
                   ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
                   expand_shards, fraction, make_loader, name_examples, non_negative_float,
                   non_negative_int, positive_float, positive_int, stream_seed)
-from eval import print_table, read_checkpoint
+from eval import dataset_name, folder_zero_shot, print_table, read_checkpoint
 from losses import REGULARIZERS, Objective
 from plots import Panel, line_panels
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
@@ -157,8 +157,18 @@ def build_parser():
     run.add_argument("--val-samples", type=positive_int, default=1000,
                      help="synthetic val images per eval task")
     run.add_argument("--val-every", type=non_negative_int, default=0,
-                     help="steps between zero-shot evaluations on the built-in val data during "
-                          "training, logged to log.jsonl under final_metrics.json's keys (0: off)")
+                     help="steps between zero-shot evaluations during training (on the built-in "
+                          "val data, or --zeroshot-data), logged to log.jsonl under "
+                          "final_metrics.json's keys (0: off)")
+    run.add_argument("--val-probe", action="store_true",
+                     help="with --val-every on the built-in data: retrieval and the linear "
+                          "probes too (slower)")
+    run.add_argument("--zeroshot-data", default=None,
+                     help="ImageNet-style folder DATA/<class>/<image> for --val-every "
+                          "(open_clip's --imagenet-val)")
+    run.add_argument("--classnames", default=None,
+                     help="class names for --zeroshot-data, one per line in sorted folder "
+                          "order (default: the folder names)")
     return p
 
 
@@ -512,19 +522,31 @@ class TrainingLog:
 
 
 def evaluate_during_training(trainee, tokenizer, args, device, log, step):
-    """Zero-shot on the built-in val data, on rank 0 while the others wait, logged under
-    final_metrics.json's keys. It draws no random numbers from the training's
-    generators and leaves the model in training mode."""
+    """Zero-shot on --zeroshot-data, or on the built-in val data (with --val-probe all of
+    its tasks), on rank 0 while the others wait, logged under the keys eval.py and
+    final_metrics.json use. It draws no random numbers from the training's generators
+    and leaves the model in training mode."""
     if log.is_main:
         cuda_devices = [device] if device.startswith("cuda") else []
         with torch.random.fork_rng(devices=cuda_devices):
-            metrics = zero_shot_evaluation(trainee.model, tokenizer, args.val_samples, args.seed,
-                                           args.synthetic_heldout_pairs, device)
+            metrics = validation_metrics(trainee.model, tokenizer, args, device)
         trainee.model.train()
-        log.zero_shot_shape = metrics["zeroshot/shape/top1"]
+        log.zero_shot_shape = next(v for k, v in metrics.items() if k.endswith("/top1"))
         log.append({"step": step, **metrics})
     if dist.is_initialized():
         dist.barrier()
+
+
+def validation_metrics(model, tokenizer, args, device):
+    if args.zeroshot_data:
+        folder = argparse.Namespace(data=args.zeroshot_data, classnames=args.classnames,
+                                    templates=None, device=device, batch_size=256, workers=0)
+        name = dataset_name(args.zeroshot_data)
+        return {f"zeroshot/{name}/{key}": value
+                for key, value in folder_zero_shot(model, tokenizer, folder).items()}
+    score = evaluation if args.val_probe else zero_shot_evaluation
+    return score(model, tokenizer, args.val_samples, args.seed, args.synthetic_heldout_pairs,
+                 device)
 
 
 def final_evaluation(trainee, tokenizer, args, device, skip_counts, checkpoint_path):
@@ -663,7 +685,8 @@ def after_step(trainee, tokenizer, args, device, log, done, lr, skipped, checkpo
                                 f"--lr, or --on-nonfinite skip")
         if stopping:
             stop_on_signal(trainee, checkpoint_path, done, args, log.is_main, log)
-    if args.val_every and done % args.val_every == 0 and args.train_data == "synthetic":
+    can_validate = args.train_data == "synthetic" or args.zeroshot_data
+    if args.val_every and done % args.val_every == 0 and can_validate:
         evaluate_during_training(trainee, tokenizer, args, device, log, done)
     if log.is_main and done % args.save_every == 0 and done < args.steps:
         if not log.saw_nonfinite():
@@ -680,7 +703,11 @@ def stop_on_signal(trainee, checkpoint_path, step, args, is_main, log):
 
 
 def check_flags(args):
-    """What argparse types cannot see alone: devices, head counts, held-out pairs."""
+    """What argparse types cannot see alone: files, devices, head counts, held-out pairs."""
+    if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
+        fail(f"--zeroshot-data {args.zeroshot_data}: no such folder")
+    if args.classnames and not os.path.isfile(args.classnames):
+        fail(f"--classnames {args.classnames}: no such file")
     pairs = len(COLORS) * len(SHAPES)
     if args.synthetic_heldout_pairs >= pairs:
         fail(f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "

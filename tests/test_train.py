@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL_MODEL, run_script
+from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
 
@@ -123,3 +124,14 @@ def test_accumulation_on_the_command_line_trains_like_the_whole_batch(tmp_path):
     expected, actual = final_weights(whole), final_weights(accumulated)
     # float32 sums in another order: equal to rounding, not bit for bit
     assert all(torch.allclose(expected[k], actual[k], atol=1e-5) for k in expected)
+
+
+def test_evaluation_during_training_on_an_image_folder(tmp_path):
+    export(str(tmp_path / "demo"), num_images=24)
+    result = run_train(*SMALL, "--steps", "4", "--val-every", "2", "--val-samples", "20",
+                       "--zeroshot-data", str(tmp_path / "demo" / "val"),
+                       "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "out" / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [line["step"] for line in log if "zeroshot/demo/top1" in line] == [2, 4]

@@ -451,14 +451,15 @@ class TrainingLog:
                 "nclip/same_prototype")
 
     def __init__(self, path, global_batch, world_size, device, is_main, bar, start_step=0,
-                 skip_counts=None):
+                 skip_counts=None, on_nonfinite="stop"):
         self.path, self.global_batch = path, global_batch
+        self.on_nonfinite = on_nonfinite
         self.world_size, self.device = world_size, device
         self.is_main, self.bar = is_main, bar
         self.sums, self.steps, self.started = {}, 0, time.time()
         self.skip_offsets = dict(skip_counts or {})  # counted before a resume
         self.last = dict(self.skip_offsets)
-        self.zero_shot_shape = None  # the last evaluation's shape top-1, for the bar
+        self.zero_shot_top1 = None  # the last evaluation's first top-1, for the bar
         if is_main and start_step and os.path.isfile(path):
             self.keep_lines_up_to(start_step)
 
@@ -504,8 +505,8 @@ class TrainingLog:
     def show(self, line):
         shown = {k.split("/")[-1]: f"{line[k]:.3g}" for k in self.BAR_KEYS if k in line}
         shown["skipped"] = int(sum(line[f"skipped/{reason}"] for reason in SKIP_REASONS))
-        if self.zero_shot_shape is not None:
-            shown["shape"] = f"{self.zero_shot_shape:.3f}"
+        if self.zero_shot_top1 is not None:
+            shown["zeroshot"] = f"{self.zero_shot_top1:.3f}"
         self.bar.set_postfix(shown)
 
     def append(self, line):
@@ -516,9 +517,9 @@ class TrainingLog:
         return {k: int(round(v)) for k, v in self.last.items() if k.startswith("skipped/")}
 
     def saw_nonfinite(self):
-        """Whether a step since the last log line had a non-finite loss or gradient (a
-        host sync: only called before saving)."""
-        return bool(self.sums.get("nonfinite", 0) > 0)
+        """Whether a step since the last log line had a non-finite loss or gradient and
+        updated the weights with it (a host sync: only called before saving)."""
+        return self.on_nonfinite == "stop" and bool(self.sums.get("nonfinite", 0) > 0)
 
 
 def evaluate_during_training(trainee, tokenizer, args, device, log, step):
@@ -531,7 +532,7 @@ def evaluate_during_training(trainee, tokenizer, args, device, log, step):
         with torch.random.fork_rng(devices=cuda_devices):
             metrics = validation_metrics(trainee.model, tokenizer, args, device)
         trainee.model.train()
-        log.zero_shot_shape = next(v for k, v in metrics.items() if k.endswith("/top1"))
+        log.zero_shot_top1 = next(v for k, v in metrics.items() if k.endswith("/top1"))
         log.append({"step": step, **metrics})
     if dist.is_initialized():
         dist.barrier()
@@ -638,7 +639,7 @@ def train(args):
     bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not is_main,
                dynamic_ncols=True)
     log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), global_batch, world_size, device,
-                      is_main, bar, start_step, skip_counts)
+                      is_main, bar, start_step, skip_counts, args.on_nonfinite)
     batches = iter(loader)
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over here
     step = start_step

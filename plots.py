@@ -42,8 +42,14 @@ def nice_ticks(low, high, count=5):
     return [first + i * step for i in range(int(math.ceil((high - first) / step)) + 1)]
 
 
-def tick_text(value):
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0e}"
+def tick_text(value, step):
+    """The tick's value with as many decimals as the spacing between ticks needs."""
+    if abs(value) >= 1e4:
+        return f"{value:.0e}"
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if round(step * 10 ** decimals, 6) % 1:  # a step of 2.5 x 10^k needs one more
+        decimals += 1
+    return f"{value:.{decimals}f}"
 
 
 class Axes:
@@ -67,11 +73,14 @@ class Axes:
         for y in self.y_ticks:
             _, py = self.point(self.x_low, y)
             self.draw.line([(left, py), (right, py)], fill=GRID)
-            self.draw.text((left - 6, py), tick_text(y), fill=INK, font=small, anchor="rm")
+            y_step = self.y_ticks[1] - self.y_ticks[0]
+            self.draw.text((left - 6, py), tick_text(y, y_step), fill=INK, font=small, anchor="rm")
         if x_labels is None:
             for x in self.x_ticks:
                 px, _ = self.point(x, self.y_low)
-                self.draw.text((px, bottom + 5), tick_text(x), fill=INK, font=small, anchor="mt")
+                x_step = self.x_ticks[1] - self.x_ticks[0]
+                self.draw.text((px, bottom + 5), tick_text(x, x_step), fill=INK, font=small,
+                               anchor="mt")
         self.draw.rectangle(self.box, outline=INK)
 
 

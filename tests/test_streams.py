@@ -1,14 +1,13 @@
 """Training data from caption tables and tar shards: exactly the pairs written, every
 sample once per epoch across ranks and loader workers, bad samples skipped and counted."""
 import os
-from argparse import Namespace
 
 import pytest
 
 from conftest import jpeg_bytes, write_tar_shards
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream,
                   Tokenizer, EvalTransform, expand_shards, make_loader, tar_samples)
-from train import build_train_loader
+from train import build_parser, build_train_loader
 
 TOKENIZER = Tokenizer(context_length=8)
 TRANSFORM = EvalTransform(16)
@@ -101,22 +100,22 @@ def test_caption_table_passes_over_corrupt_images_and_empty_captions(tmp_path):
                                                          "bad_shard": 0}
 
 
-def loader_args(train_data, **overrides):
-    defaults = dict(train_data=train_data, min_crop_scale=0.5, seed=0, batch_size=2, workers=0,
-                    train_num_samples=8, shuffle_buffer=4, csv_img_key="filepath",
-                    csv_caption_key="title", csv_separator=None)
-    return Namespace(**{**defaults, **overrides})
+def loader_args(train_data, *flags):
+    """train.py's own flags, so that the loader sees every field a real run gives it."""
+    return build_parser().parse_args(["--train-data", train_data, "--batch-size", "2",
+                                      "--workers", "0", "--shuffle-buffer", "4", *flags])
 
 
 def test_train_loader_names_missing_shards_and_needs_a_sample_count(tmp_path):
     write_tar_shards(str(tmp_path), 2, 2)
+    three_shards = str(tmp_path / "{00000..00002}.tar")
+    two_shards = str(tmp_path / "{00000..00001}.tar")
     with pytest.raises(DataError, match="1 of 3 shards missing"):
-        build_train_loader(loader_args(str(tmp_path / "{00000..00002}.tar")),
+        build_train_loader(loader_args(three_shards, "--train-num-samples", "8"),
                            16, TOKENIZER, 0, 1, 0)
     with pytest.raises(DataError, match="--train-num-samples"):
-        build_train_loader(loader_args(str(tmp_path / "{00000..00001}.tar"),
-                                       train_num_samples=None),
-                           16, TOKENIZER, 0, 1, 0)
-    images, tokens, skipped = next(iter(build_train_loader(
-        loader_args(str(tmp_path / "{00000..00001}.tar")), 16, TOKENIZER, 0, 1, 0)))
+        build_train_loader(loader_args(two_shards), 16, TOKENIZER, 0, 1, 0)
+    loader = build_train_loader(loader_args(two_shards, "--train-num-samples", "8"),
+                                16, TOKENIZER, 0, 1, 0)
+    images, tokens, skipped = next(iter(loader))
     assert images.shape == (2, 3, 16, 16) and tokens.shape == (2, 8) and skipped.shape == (2, 3)

@@ -105,7 +105,8 @@ def read_run(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     train_lines = [line for line in log if "loss" in line]
-    for key in ("nclip/information", "nclip/same_prototype", "nclip/image_perplexity"):
+    for key in ("nclip/information", "nclip/same_prototype", "nclip/image_perplexity",
+                "nclip/text_perplexity"):
         if train_lines and key in train_lines[-1]:
             metrics[key] = train_lines[-1][key]
     return metrics, log
@@ -280,7 +281,8 @@ def ablation_study(args):
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = []
     for index, (objective, flags) in enumerate(ABLATIONS):
-        name = f"ablation{index:02d}-{objective}-seed{seed}"
+        # The defaults row is the claims study's run of that objective and seed.
+        name = f"ablation{index:02d}-{objective}-seed{seed}" if flags else f"{objective}-seed{seed}"
         result = run(args, name, objective, seed, flags.split())
         results.append({k: v for k, v in result.items() if k != "log"})
         m = result["metrics"]

@@ -72,6 +72,19 @@ def fraction(text):
     return value
 
 
+def device_name(text):
+    """A device this machine has: cpu, cuda or cuda:N."""
+    try:
+        device_type = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device (cpu, cuda, cuda:N), got {text}")
+    if device_type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"this machine has no CUDA device, got {text}")
+    return text
+
+
 def stream_seed(seed, *digits):
     """The seed of one random stream: the run's `seed` followed by the stream's
     coordinates as the digits of a mixed-radix number. Each digit is (value, radix) with

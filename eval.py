@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer,
-                  collate_readable, group_captions_by_image, make_loader, name_examples,
-                  non_negative_int, open_image, positive_float, positive_int,
+                  collate_readable, device_name, group_captions_by_image, make_loader,
+                  name_examples, non_negative_int, open_image, positive_float, positive_int,
                   read_caption_table, read_image_folder, read_lines)
 from model import TwoTowerModel, autocast_context, default_device
 
@@ -310,6 +310,11 @@ def read_checkpoint(path):
     if missing:
         raise DataError(f"{path} is not a checkpoint written by train.py (no "
                         f"{', '.join(sorted(missing))})")
+    broken = [name for name, tensor in checkpoint["model"].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # train.py never writes one; an older or edited file might hold one
+        raise DataError(f"{path} has weights that are not finite ({broken[0]} and "
+                        f"{len(broken) - 1} more): the run diverged")
     return checkpoint
 
 
@@ -335,7 +340,8 @@ def checkpoint_flags():
     """The flags every evaluation command shares, as an argparse parent."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
-    common.add_argument("--device", default=default_device(), help="where to run the model")
+    common.add_argument("--device", type=device_name, default=default_device(),
+                        help="where to run the model: cpu, cuda or cuda:N")
     common.add_argument("--batch-size", type=positive_int, default=256,
                         help="images or captions per forward pass")
     common.add_argument("--workers", type=non_negative_int, default=2,

@@ -33,8 +33,9 @@ class Panel:
 
 def nice_ticks(low, high, count=5):
     """About `count` round tick values covering [low, high]."""
-    if not high > low:
-        high = low + 1
+    if not high > low:  # one value: a range around it
+        pad = abs(low) / 10 or 1.0
+        low, high = low - pad, high + pad
     raw_step = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw_step))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw_step)

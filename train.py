@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
                   ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
-                  expand_shards, fraction, make_loader, name_examples, non_negative_float,
-                  non_negative_int, positive_float, positive_int, stream_seed)
+                  device_name, expand_shards, fraction, make_loader, name_examples,
+                  non_negative_float, non_negative_int, positive_float, positive_int, stream_seed)
 from eval import dataset_name, folder_zero_shot, print_table, read_checkpoint
 from losses import REGULARIZERS, Objective
 from plots import Panel, line_panels
@@ -142,7 +142,8 @@ def build_parser():
                      help="only draw OUT_DIR/curves.png from OUT_DIR/log.jsonl (a finished or "
                           "running run), then exit")
     run.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
-    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--device", type=device_name, default=None,
+                     help="cuda, cuda:N or cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="bf16 autocast or fp32; auto picks bf16 on GPU, fp32 on CPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -353,6 +354,10 @@ def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
 
 # ---------------------------------------------------------------------------------- checkpoints
 
+class NonFiniteLoss(Exception):
+    """The loss, the gradient norm or the weights stopped being finite numbers."""
+
+
 def save_checkpoint(path, trainee, step, args, skip_counts=None):
     """Write to a temporary file, then rename: a crash never leaves a half-written file,
     and a full disk leaves the previous checkpoint as it was."""
@@ -369,6 +374,11 @@ def save_checkpoint(path, trainee, step, args, skip_counts=None):
                 "python": random.getstate(), "cuda": cuda_rng},
         "skipped": skip_counts or {},
     }
+    broken = [name for name, tensor in checkpoint["model"].items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # an update with a finite loss and gradient can still overflow the weights
+        raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
+                            f"({broken[0]}, ...); {path} is untouched. Try a lower --lr")
     temporary = path + ".tmp"
     try:
         torch.save(checkpoint, temporary)
@@ -460,11 +470,12 @@ class TrainingLog:
         self.skip_offsets = dict(skip_counts or {})  # counted before a resume
         self.last = dict(self.skip_offsets)
         self.zero_shot_top1 = None  # the last evaluation's first top-1, for the bar
-        if is_main and start_step and os.path.isfile(path):
+        if is_main and os.path.isfile(path):
             self.keep_lines_up_to(start_step)
 
     def keep_lines_up_to(self, step):
-        """A resumed run logs again what came after its checkpoint: drop those lines."""
+        """A run logs again what came after the step it starts from: drop those lines (on a
+        fresh start, all of a former run's)."""
         with open(self.path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(self.path, "w") as f:
@@ -604,10 +615,6 @@ def plot_training_curves(out_dir):
 
 # ------------------------------------------------------------------------------------- the loop
 
-class NonFiniteLoss(Exception):
-    """The loss or the gradient norm stopped being a finite number."""
-
-
 def train(args):
     global phase
     rank, world_size, device = setup_distributed(args.device)
@@ -661,10 +668,13 @@ def train(args):
     except StopRequested:
         stop_on_signal(trainee, checkpoint_path, step, args, is_main, log)
     bar.close()
-    phase = "evaluating"
+    if is_main and start_step < args.steps:
+        save_checkpoint(checkpoint_path, trainee, args.steps, args, log.skip_counts())
+    if stop_signal is not None:  # it came during the last step or the save: both are done
+        sys.exit(128 + stop_signal)
+    phase = "evaluating"  # the checkpoint is written: a signal may now end the run at once
     if is_main:
         if start_step < args.steps:
-            save_checkpoint(checkpoint_path, trainee, args.steps, args, log.skip_counts())
             print(f"wrote {plot_training_curves(args.out_dir)}")
         final_evaluation(trainee, tokenizer, args, device, log.skip_counts(), checkpoint_path)
     if world_size > 1:
@@ -704,7 +714,7 @@ def stop_on_signal(trainee, checkpoint_path, step, args, is_main, log):
 
 
 def check_flags(args):
-    """What argparse types cannot see alone: files, devices, head counts, held-out pairs."""
+    """What argparse types cannot see alone: files, head counts, held-out pairs."""
     if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
         fail(f"--zeroshot-data {args.zeroshot_data}: no such folder")
     if args.classnames and not os.path.isfile(args.classnames):
@@ -713,15 +723,6 @@ def check_flags(args):
     if args.synthetic_heldout_pairs >= pairs:
         fail(f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "
              f"(color, shape) pairs and training needs at least one; pass at most {pairs - 1}")
-    device = args.device or default_device()
-    try:
-        device_type = torch.device(device).type
-    except RuntimeError:
-        fail(f"--device {device}: not a device (cpu, cuda, cuda:N)")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device}: this machine has no CUDA device")
-    if device_type not in ("cpu", "cuda"):
-        fail(f"--device {device}: train.py runs on cpu or cuda")
     config = model_config_from_args(args)
     for tower in ("vision", "text"):
         width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")

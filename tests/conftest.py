@@ -19,6 +19,14 @@ SMALL_MODEL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "
                "--num-prototypes", "16", "--workers", "0"]
 
 
+# The smallest model train.py builds here, with its batch and evaluation: a run is a few
+# seconds, evaluation included; for tests of behaviour rather than of learning.
+MINI = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+        "--vision-heads", "2", "--text-heads", "2", "--embed-dim", "16", "--head-hidden-dim", "32",
+        "--head-bottleneck-dim", "16", "--num-prototypes", "16", "--batch-size", "16",
+        "--val-samples", "20", "--workers", "0"]
+
+
 def small_config(**overrides):
     """The same small model for tests that build it in process, on 16-pixel images,
     8-token captions and a 1000-token vocabulary (end of text: 999)."""
@@ -33,6 +41,10 @@ def run_script(script, *flags, timeout=600):
     """python SCRIPT FLAGS in the repository root, as a user runs it."""
     return subprocess.run([sys.executable, script, *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_train(*flags, timeout=600):
+    return run_script("train.py", *flags, timeout=timeout)
 
 
 def jpeg_bytes(color, size=(40, 30)):

@@ -15,18 +15,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import ROOT, run_script, write_tar_shards
-
-# The smallest model train.py builds here: a run is a few seconds, evaluation included.
-MINI = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
-        "--vision-heads", "2", "--text-heads", "2", "--embed-dim", "16", "--head-hidden-dim", "32",
-        "--head-bottleneck-dim", "16", "--num-prototypes", "16", "--batch-size", "16",
-        "--val-samples", "20", "--workers", "0"]
-
-
-def run_train(*flags, timeout=300):
-    return run_script("train.py", *flags, timeout=timeout)
-
+from conftest import MINI, ROOT, run_script, run_train, write_tar_shards
 
 def assert_one_line_error(result, message, code=2):
     assert result.returncode == code, result.stderr[-2000:]
@@ -52,6 +41,10 @@ def assert_one_line_error(result, message, code=2):
     (["--workers", "-1"], "must be an integer >= 0"),
     (["--val-samples", "-1"], "must be a positive integer"),
     (["--train-data", "x/{9..1}.tar", "--train-num-samples", "4"], "not a range"),
+    (["--train-data", "x/{a..b}.tar", "--train-num-samples", "4"], "not a range"),
+    (["--synthetic-heldout-pairs", "100"], "pass at most 47"),
+    pytest.param(["--device", "cuda"], "this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
 def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path, flags, message):
     result = run_train(*MINI, "--out-dir", str(tmp_path), *flags, timeout=60)
@@ -72,12 +65,18 @@ def write_bad_checkpoints(folder, good):
     (folder / "empty.pt").write_bytes(b"")
     (folder / "text.pt").write_text("not a checkpoint\n")
     (folder / "truncated.pt").write_bytes(open(good, "rb").read()[:1000])
+    contents["model"]["logit_scale"] = torch.tensor(float("nan"))
+    torch.save(contents, folder / "diverged.pt")
 
 
-@pytest.mark.parametrize("name,message", [
+BAD_CHECKPOINTS = [
     ("empty.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
     ("truncated.pt", "not a readable checkpoint"), ("bare.pt", "not a checkpoint written by"),
-])
+    ("diverged.pt", "weights that are not finite"),
+]
+
+
+@pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
 def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, name, message):
     write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
     result = run_train(*MINI, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / "o"))
@@ -114,6 +113,13 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     kept = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert kept["step"] == 5 and all(torch.equal(saved["model"][k], kept["model"][k])
                                      for k in saved["model"])
+
+
+def test_weights_that_overflow_after_a_finite_step_are_never_saved(tmp_path):
+    result = run_train(*MINI, "--steps", "1", "--warmup", "0", "--lr", "1e45",
+                       "--out-dir", str(tmp_path))
+    assert_one_line_error(result, "weight tensor(s) are not finite at step 1")
+    assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
 def test_skipping_non_finite_steps_counts_them_and_finishes(tmp_path):
@@ -208,6 +214,16 @@ def test_sigkill_then_resume_ends_bit_identical(tmp_path, source):
     assert steps == sorted(set(steps))  # no line logged twice across the kill
 
 
+def test_resume_latest_without_a_checkpoint_starts_afresh_and_logs_each_step_once(tmp_path):
+    flags = [*MINI, "--steps", "4", "--log-every", "2", "--resume", "latest",
+             "--out-dir", str(tmp_path)]
+    assert run_train(*flags).returncode == 0
+    os.remove(tmp_path / "ckpt.pt")  # as if the job died before its first checkpoint
+    assert run_train(*flags).returncode == 0
+    with open(tmp_path / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4]
+
+
 def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
     shard = tmp_path / "00000.tar"
     os.mkfifo(shard)  # opening it for reading blocks until a writer comes: it never does
@@ -280,6 +296,7 @@ def test_retrieval_rows_repeated_or_spelled_twice_count_once(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", "0"], "must be a positive integer"),
     (["--output", "/nonexistent/folder/m.json"], "no folder"),
+    (["--device", "bogus"], "not a device"),
 ])
 def test_eval_flag_errors_are_one_line(finished_run, tmp_path, flags, message):
     result = run_script("eval.py", "zeroshot", "--checkpoint", str(finished_run / "ckpt.pt"),
@@ -287,8 +304,9 @@ def test_eval_flag_errors_are_one_line(finished_run, tmp_path, flags, message):
     assert_one_line_error(result, message)
 
 
-def test_eval_of_a_truncated_checkpoint_is_one_line(finished_run, tmp_path):
+@pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
+def test_eval_of_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, name, message):
     write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
-    result = run_script("eval.py", "zeroshot", "--checkpoint", str(tmp_path / "truncated.pt"),
+    result = run_script("eval.py", "zeroshot", "--checkpoint", str(tmp_path / name),
                         "--data", str(tmp_path), timeout=60)
-    assert_one_line_error(result, "not a readable checkpoint")
+    assert_one_line_error(result, message)

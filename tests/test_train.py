@@ -11,14 +11,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_MODEL, run_script
+from conftest import ROOT, SMALL_MODEL, run_script, run_train
 from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
-
-
-def run_train(*flags, timeout=600):
-    return run_script("train.py", *flags, timeout=timeout)
 
 
 def final_weights(out_dir):

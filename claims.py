@@ -213,6 +213,25 @@ def metrics_table(rows):
     return "\n".join(lines)
 
 
+# nCLIP counts as alive at the end of a run when its prototypes say something about the
+# sample, the two modalities agree on it, and many prototypes are in use.
+ALIVE = {"nclip/information": 1.5, "nclip/same_prototype": 0.3,
+         "nclip/image_perplexity": 32, "nclip/text_perplexity": 32}
+
+
+def collapse_table(runs):
+    """Markdown: the nCLIP monitors of each run's last log line, and whether it is alive."""
+    bar = ", ".join(f"{key.split('/')[1]} ≥ {value:g}" for key, value in ALIVE.items())
+    lines = [f"| run | " + " | ".join(key.split("/")[1] for key in ALIVE) + f" | alive ({bar}) |",
+             "| --- | " + " | ".join("---" for _ in ALIVE) + " | --- |"]
+    for run in runs:
+        values = [run["metrics"].get(key, math.nan) for key in ALIVE]
+        alive = all(value >= bar for value, bar in zip(values, ALIVE.values()))
+        cells = " | ".join(f"{value:.3f}" for value in values)
+        lines.append(f"| {run['name']} | {cells} | {'yes' if alive else 'no'} |")
+    return "\n".join(lines)
+
+
 def curve(runs, key):
     """Mean over runs of `key` at each step the log has it: ([steps], [values])."""
     by_step = {}
@@ -265,6 +284,8 @@ def claims_study(args):
             "Mean ± sd over seeds; chance is 1/6 for shape, 1/8 for color.", "",
             metrics_table(rows), "", "| claim | the numbers | verdict |", "| --- | --- | --- |"]
     text += [f"| {claim} | {numbers} | **{outcome}** |" for claim, numbers, outcome in claims]
+    nclip_runs = runs_by_objective["nclip"] + runs_by_objective["xclip"]
+    text += ["", "nCLIP at the end of each run (last log line):", "", collapse_table(nclip_runs)]
     if batch_rows:
         text += ["", "Batch size (first seed; the rows above use train.py's default):", "",
                  metrics_table(batch_rows)]
@@ -274,23 +295,61 @@ def claims_study(args):
     print("\n".join(text))
 
 
+MONITOR_STEPS = (10, 20, 50, 100, 200, 300, 500)
+MONITOR_COLUMNS = (  # column -> the log keys it shows, image / text where there are two
+    ("information", ("nclip/information",)),
+    ("same prototype", ("nclip/same_prototype",)),
+    ("perplexity", ("nclip/image_perplexity", "nclip/text_perplexity")),
+    ("logit spread", ("nclip/image_logit_spread", "nclip/text_logit_spread")),
+    ("bottleneck spread", ("nclip/image_bottleneck_spread", "nclip/text_bottleneck_spread")),
+    ("bias / weight norm", ("nclip/image_head_bias_norm", "nclip/image_head_weight_norm",
+                            "nclip/text_head_bias_norm", "nclip/text_head_weight_norm")),
+    ("deviation correlation", ("nclip/deviation_correlation",)),
+)
+
+
+def monitor_table(log, steps=MONITOR_STEPS):
+    """Markdown: the collapse monitors of one run's log at the given steps (each log line
+    averages the steps since the one before)."""
+    by_step = {line["step"]: line for line in log if "loss" in line}
+    lines = ["| step | " + " | ".join(column for column, _ in MONITOR_COLUMNS) + " |",
+             "| --- | " + " | ".join("---" for _ in MONITOR_COLUMNS) + " |"]
+    for step in (s for s in steps if s in by_step):
+        line = by_step[step]
+        cells = []
+        for column, keys in MONITOR_COLUMNS:
+            values = [line.get(key, math.nan) for key in keys]
+            if column == "bias / weight norm":  # image, text
+                cells.append(f"{values[0] / values[1]:.3f} / {values[2] / values[3]:.3f}")
+            else:
+                cells.append(" / ".join(f"{value:.3g}" for value in values))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ablation_study(args):
     seed = args.seeds[0]
-    lines = ["| objective | flags | information | same prototype | perplexity | zero-shot color "
+    lines = ["| objective | flags | information | same prototype | image perplexity "
+             "| zero-shot color "
              "| zero-shot shape | image→text R@1 | probe shape | command |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    results = []
+    runs = []
     for index, (objective, flags) in enumerate(ABLATIONS):
         # The defaults row is the claims study's run of that objective and seed.
         name = f"ablation{index:02d}-{objective}-seed{seed}" if flags else f"{objective}-seed{seed}"
         result = run(args, name, objective, seed, flags.split())
-        results.append({k: v for k, v in result.items() if k != "log"})
+        runs.append(result)
         m = result["metrics"]
         cells = [f"{m.get(key, math.nan):.3f}" for key in ABLATION_METRICS]
         lines.append(f"| {objective} | `{flags or '(defaults)'}` | " + " | ".join(cells)
                      + f" | `{result['command']}` |")
     with open(os.path.join(args.out_dir, "ablations.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump([{k: v for k, v in r.items() if k != "log"} for r in runs], f, indent=1)
+    for index, (objective, flags) in enumerate(ABLATIONS):
+        if objective == "nclip" and flags in ("", PAPER_FORM):
+            title = "defaults" if not flags else "the paper's form"
+            lines += ["", f"Collapse monitors of nCLIP, {title} (`{runs[index]['command']}`; "
+                      "image / text where there are two):", "", monitor_table(runs[index]["log"])]
     with open(os.path.join(args.out_dir, "ablations.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

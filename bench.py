@@ -8,7 +8,7 @@ times its step: forward under autocast, loss, backward, gradient clipping, AdamW
 Prints ms/step, samples/s, peak memory, model FLOPs per sample and MFU.
 
     python bench.py --compare clip xclip open_clip         # interleaved, in one process
-    python bench.py --batch-size 32 --accum-freq 4         # accumulation, against --batch-size 128
+    python bench.py --batch-size 32 --accum-freq 4         # accumulation, against one batch of 128
 
 --compare times several steps on the same batch, alternating one step of each, so a busy
 machine slows them all alike, and prints each one's speed against the first. `open_clip`
@@ -148,14 +148,14 @@ def open_clip_step(args, config, device, autocast):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def our_step(args, loss, device, autocast):
+def our_step(args, loss, device, autocast, accum_freq):
     args.loss = loss
     model, objective, optimizer = build_model(args, device)
     train_model = torch.compile(model) if args.compile else model
     trainee = Trainee(model, train_model, objective, optimizer, autocast, args.grad_clip)
 
     def step(images, tokens):
-        train_step(trainee, images, tokens, accum_freq=args.accum_freq)
+        train_step(trainee, images, tokens, accum_freq=accum_freq)
     return step, model.num_params()
 
 
@@ -215,13 +215,16 @@ def main():
         return time_loader(args, config)
     if args.retrieval:
         return time_retrieval(config)
-    names = args.compare or [args.loss]
     steps, params = {}, {}
-    for name in names:
+    for name in args.compare or [args.loss]:
         if name == "open_clip":
             steps[name], params[name] = open_clip_step(args, config, device, autocast)
-        else:
-            steps[name], params[name] = our_step(args, name, device, autocast)
+            continue
+        steps[name], params[name] = our_step(args, name, device, autocast, args.accum_freq)
+        if args.accum_freq > 1:  # what accumulation costs: the same step on the whole batch
+            whole = f"{name}, whole batch"
+            steps[whole], params[whole] = our_step(args, name, device, autocast, 1)
+    names = list(steps)
     step_batch = args.batch_size * args.accum_freq  # samples per optimizer step
     batch = synthetic_batch(config, step_batch, device)
     started = time.perf_counter()
@@ -244,7 +247,7 @@ def main():
               f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {step_batch / median:.1f}"
               f"{relative}")
         if name != "open_clip":
-            flops = flops_per_sample(config, name, step_batch)
+            flops = flops_per_sample(config, name.split(",")[0], step_batch)
             achieved = flops * step_batch / median / 1e12
             mfu = (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
                    f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "

@@ -91,3 +91,4 @@ def test_bench_times_an_accumulated_step_on_the_whole_batch():
                        "--text-layers", "1")
     assert result.returncode == 0, result.stderr
     assert "batch 8 = 2 x 4" in result.stdout
+    assert "xclip, whole batch:" in result.stdout  # the same step without accumulation

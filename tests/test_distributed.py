@@ -112,7 +112,7 @@ def test_accumulation_moves_each_center_once_per_step():
         torch.testing.assert_close(accumulated, whole, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("objective_name", ["clip", "xclip"])
+@pytest.mark.parametrize("objective_name", ["clip", "nclip", "xclip"])
 def test_two_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path, objective_name):
     result_path = str(tmp_path / "two_ranks.pt")
     mp.spawn(rank_main, args=(2, free_port(), objective_name, False, result_path, 2), nprocs=2)

@@ -10,8 +10,9 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
-from conftest import ROOT, SMALL_MODEL, run_script, run_train
+from conftest import MINI, ROOT, SMALL_MODEL, run_train
 from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
@@ -131,3 +132,19 @@ def test_evaluation_during_training_on_an_image_folder(tmp_path):
     with open(tmp_path / "out" / "log.jsonl") as f:
         log = [json.loads(line) for line in f]
     assert [line["step"] for line in log if "zeroshot/demo/top1" in line] == [2, 4]
+
+
+def test_a_run_draws_its_curves_and_plot_redraws_them(tmp_path):
+    result = run_train(*MINI, "--steps", "4", "--log-every", "1", "--val-every", "2",
+                       "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = Image.open(tmp_path / "curves.png")
+    assert first.width > 800 and first.height > 250
+    os.remove(tmp_path / "curves.png")
+    assert run_train("--plot", str(tmp_path)).returncode == 0
+    assert Image.open(tmp_path / "curves.png").size == first.size
+
+
+def test_plot_without_a_log_is_one_line(tmp_path):
+    result = run_train("--plot", str(tmp_path))
+    assert result.returncode == 2 and "no log.jsonl there" in result.stderr

@@ -81,16 +81,16 @@ def build_parser():
                            help="lambda_n in L_xCLIP = L_CLIP + lambda_n L_nCLIP")
     objective.add_argument("--me-max-weight", type=non_negative_float, default=3.0,
                            help="lambda_me in L_nCLIP = L_pred + lambda_me L_me + lambda_ent "
-                                "L_ent (METHOD.md's choice is 1; 3 balances --entropy-weight, "
+                                "L_ent (the paper form: 1; 3 balances --entropy-weight, "
                                 "see README)")
     objective.add_argument("--entropy-weight", type=non_negative_float, default=1.0,
                            help="lambda_ent: weight of the mean per-sample entropy mean_i H(p_i), "
                                 "minimized (MSN, TWIST; not in the paper: 0 turns it off)")
     objective.add_argument("--student-temp", type=positive_float, default=0.05,
-                           help="tau_s, temperature of the predictions p (METHOD.md's choice: 0.1)")
+                           help="tau_s, temperature of the predictions p (the paper form: 0.1)")
     objective.add_argument("--teacher-temp", type=positive_float, default=0.02,
                            help="tau_t, temperature of the targets q; below tau_s it sharpens them "
-                                "(METHOD.md's choice: 0.04)")
+                                "(the paper form: 0.04)")
     objective.add_argument("--regularizer", choices=REGULARIZERS, default="memax",
                            help="nCLIP anti-collapse: memax (the paper's mean-entropy "
                                 "maximization), center (DINO's EMA center), sinkhorn (SwAV's "
@@ -696,8 +696,7 @@ def after_step(trainee, tokenizer, args, device, log, done, lr, skipped, checkpo
                                 f"--lr, or --on-nonfinite skip")
         if stopping:
             stop_on_signal(trainee, checkpoint_path, done, args, log.is_main, log)
-    can_validate = args.train_data == "synthetic" or args.zeroshot_data
-    if args.val_every and done % args.val_every == 0 and can_validate:
+    if args.val_every and done % args.val_every == 0:
         evaluate_during_training(trainee, tokenizer, args, device, log, done)
     if log.is_main and done % args.save_every == 0 and done < args.steps:
         if not log.saw_nonfinite():
@@ -714,7 +713,16 @@ def stop_on_signal(trainee, checkpoint_path, step, args, is_main, log):
 
 
 def check_flags(args):
-    """What argparse types cannot see alone: files, head counts, held-out pairs."""
+    """What argparse types cannot see alone: files, flags that go together, head counts,
+    held-out pairs."""
+    if args.val_every and args.train_data != "synthetic" and not args.zeroshot_data:
+        fail("--val-every evaluates on the built-in val data, which goes with --train-data "
+             "synthetic; pass --zeroshot-data FOLDER to evaluate on your own images")
+    if args.val_probe and (args.zeroshot_data or not args.val_every):
+        fail("--val-probe adds the built-in data's probes to --val-every; it needs --val-every "
+             "and no --zeroshot-data")
+    if args.classnames and not args.zeroshot_data:
+        fail("--classnames names the classes of --zeroshot-data; pass that folder too")
     if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
         fail(f"--zeroshot-data {args.zeroshot_data}: no such folder")
     if args.classnames and not os.path.isfile(args.classnames):

@@ -43,6 +43,9 @@ def assert_one_line_error(result, message, code=2):
     (["--train-data", "x/{9..1}.tar", "--train-num-samples", "4"], "not a range"),
     (["--train-data", "x/{a..b}.tar", "--train-num-samples", "4"], "not a range"),
     (["--synthetic-heldout-pairs", "100"], "pass at most 47"),
+    (["--train-data", "t.csv", "--val-every", "5"], "pass --zeroshot-data FOLDER"),
+    (["--val-probe"], "it needs --val-every"),
+    (["--classnames", "names.txt"], "pass that folder too"),
     pytest.param(["--device", "cuda"], "this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])

@@ -338,7 +338,9 @@ def collate_readable(batch):
 # training loop while every batch keeps its size.
 
 SKIP_REASONS = ("bad_image", "bad_caption", "bad_shard")
-EPOCHS, RANKS, WORKERS, ROWS = 100_003, 1 << 16, 1 << 10, 1 << 40  # radices of data seeds
+# The radices of the data's seeds (stream_seed): a run may have up to this many epochs,
+# ranks, loader workers and rows, and stream_seed refuses a coordinate beyond them.
+EPOCHS, RANKS, WORKERS, ROWS = 100_003, 1 << 16, 1 << 10, 1 << 40
 
 
 def no_skips():

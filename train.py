@@ -26,19 +26,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
+from data import (RANKS, SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
                   ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
                   device_name, expand_shards, fraction, make_loader, name_examples,
                   non_negative_float, non_negative_int, positive_float, positive_int, stream_seed)
 from eval import dataset_name, folder_zero_shot, print_table, read_checkpoint
 from losses import REGULARIZERS, Objective
-from plots import Panel, line_panels
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
                    autocast_context, default_device, model_config)
+from plots import Panel, line_panels
 from synthetic import (COLORS, INDICES, SHAPES, SyntheticCaptions, evaluation,
                        zero_shot_evaluation)
-
-RANKS = 1 << 16  # radix of the per-rank seed (see data.stream_seed)
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -153,8 +151,9 @@ def build_parser():
                      help="a NaN or infinite loss or gradient: stop at the next log line without "
                           "saving it (default), or skip that step's update and count it")
     run.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    run.add_argument("--save-every", type=positive_int, default=500,
-                     help="steps between checkpoints")
+    run.add_argument("--save-every", type=positive_int, default=100,
+                     help="steps between checkpoints (each replaces the last): what a crash "
+                          "can cost")
     run.add_argument("--val-samples", type=positive_int, default=1000,
                      help="synthetic val images per eval task")
     run.add_argument("--val-every", type=non_negative_int, default=0,

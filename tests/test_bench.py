@@ -14,13 +14,16 @@ from model import OBJECTIVES, TwoTowerModel, model_config
 from train import Trainee, train_step
 
 
+# One quick step on the CPU: the shallowest towers, one warm-up step.
+QUICK = ["--device", "cpu", "--warmup-steps", "1", "--vision-layers", "1", "--text-layers", "1"]
+
+
 def run_bench(*flags):
     return run_script("bench.py", *flags, timeout=300)
 
 
 def test_bench_prints_its_figures_on_cpu():
-    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1",
-                       "--steps", "2", "--vision-layers", "1", "--text-layers", "1")
+    result = run_bench(*QUICK, "--batch-size", "8", "--steps", "2")
     assert result.returncode == 0, result.stderr
     for figure in ("ms/step:", "samples/s:", "peak memory:", "model FLOPs/sample:",
                    "MFU: not reported"):
@@ -28,9 +31,7 @@ def test_bench_prints_its_figures_on_cpu():
 
 
 def test_bench_reports_mfu_against_a_given_peak():
-    result = run_bench("--device", "cpu", "--batch-size", "8", "--warmup-steps", "1",
-                       "--steps", "1", "--vision-layers", "1", "--text-layers", "1",
-                       "--peak-tflops", "1")
+    result = run_bench(*QUICK, "--batch-size", "8", "--steps", "1", "--peak-tflops", "1")
     assert result.returncode == 0, result.stderr
     assert "% of 1 TFLOP/s" in result.stdout
 
@@ -86,9 +87,7 @@ def test_compiled_step_has_one_graph_and_no_recompiles(objective):
 
 
 def test_bench_times_an_accumulated_step_on_the_whole_batch():
-    result = run_bench("--device", "cpu", "--batch-size", "4", "--accum-freq", "2",
-                       "--warmup-steps", "1", "--steps", "1", "--vision-layers", "1",
-                       "--text-layers", "1")
+    result = run_bench(*QUICK, "--batch-size", "4", "--accum-freq", "2", "--steps", "1")
     assert result.returncode == 0, result.stderr
     assert "batch 8 = 2 x 4" in result.stdout
     assert "xclip, whole batch:" in result.stdout  # the same step without accumulation

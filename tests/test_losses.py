@@ -102,13 +102,17 @@ def nclip_with_center(num_prototypes, regularizer, generator, **options):
     return nclip
 
 
+def random_logits(batch, num_prototypes, generator):
+    """Prototype logits of a batch, in (-1, 1) like cosines, float64 for gradient checks."""
+    return (torch.randn(batch, num_prototypes, dtype=torch.float64, generator=generator)
+            .tanh().requires_grad_())
+
+
 @pytest.mark.parametrize("regularizer", ["memax", "center"])
 def test_nclip_loss_gradcheck_with_gradient_through_targets(regularizer):
     generator = torch.Generator().manual_seed(11)
-    image_logits = (torch.randn(4, 6, dtype=torch.float64, generator=generator)
-                    .tanh().requires_grad_())
-    text_logits = (torch.randn(4, 6, dtype=torch.float64, generator=generator)
-                   .tanh().requires_grad_())
+    image_logits = random_logits(4, 6, generator)
+    text_logits = random_logits(4, 6, generator)
     nclip = nclip_with_center(6, regularizer, generator, entropy_weight=0.5, target_grad=True)
     assert torch.autograd.gradcheck(lambda v, t: nclip(v, t)[0], (image_logits, text_logits))
 
@@ -138,10 +142,8 @@ def frozen_target_loss_numpy(image_logits, text_logits, q_v, q_t, tau_s, lambda_
 @pytest.mark.parametrize("regularizer", ["memax", "center", "sinkhorn"])
 def test_nclip_gradient_with_stopped_targets_matches_finite_differences(regularizer):
     generator = torch.Generator().manual_seed(10)
-    image_logits = (torch.randn(5, 7, dtype=torch.float64, generator=generator)
-                    .tanh().requires_grad_())
-    text_logits = (torch.randn(5, 7, dtype=torch.float64, generator=generator)
-                   .tanh().requires_grad_())
+    image_logits = random_logits(5, 7, generator)
+    text_logits = random_logits(5, 7, generator)
     nclip = nclip_with_center(7, regularizer, generator, entropy_weight=0.5)
     loss, _ = nclip(image_logits, text_logits)
     loss.backward()

@@ -339,12 +339,18 @@ def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
     them, and a non-finite loss or gradient is counted, then acted on at that line;
     with on_nonfinite="skip" the step checks it at once (a sync) and skips the update.
     -> {"loss", "grad_norm", "nonfinite", and the objective's metrics}"""
+    buffers = [*trainee.model.buffers(), *trainee.objective.buffers()]  # the centers' EMAs
+    if on_nonfinite == "skip":
+        buffers_before = [buffer.clone() for buffer in buffers]
     loss, metrics = forward_backward(trainee, images, tokens, accum_freq)
     max_norm = trainee.grad_clip or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), max_norm)
     nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
     if on_nonfinite != "skip" or not nonfinite.item():
         trainee.optimizer.step()
+    else:  # a skipped step leaves everything as it was, the centers' EMAs included
+        for buffer, before in zip(buffers, buffers_before):
+            buffer.copy_(before)
     trainee.optimizer.zero_grad(set_to_none=True)
     trainee.model.clamp_logit_scale()
     return {"loss": loss.detach(), "grad_norm": grad_norm, "nonfinite": nonfinite.float(),

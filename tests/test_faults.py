@@ -234,7 +234,8 @@ def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
         [sys.executable, "train.py", *MINI, "--train-data", str(shard), "--train-num-samples",
          "4", "--out-dir", str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # long past start-up: it is waiting for its first batch
+    assert "parameters" in process.stdout.readline()  # its first line: the model is built
+    time.sleep(3)  # and it waits for its first batch, which never comes
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
     assert "stopped by a signal" in process.stderr.read()

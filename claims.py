@@ -222,7 +222,7 @@ ALIVE = {"nclip/information": 1.5, "nclip/same_prototype": 0.3,
 def collapse_table(runs):
     """Markdown: the nCLIP monitors of each run's last log line, and whether it is alive."""
     bar = ", ".join(f"{key.split('/')[1]} ≥ {value:g}" for key, value in ALIVE.items())
-    lines = [f"| run | " + " | ".join(key.split("/")[1] for key in ALIVE) + f" | alive ({bar}) |",
+    lines = ["| run | " + " | ".join(key.split("/")[1] for key in ALIVE) + f" | alive ({bar}) |",
              "| --- | " + " | ".join("---" for _ in ALIVE) + " | --- |"]
     for run in runs:
         values = [run["metrics"].get(key, math.nan) for key in ALIVE]

@@ -297,6 +297,12 @@ def print_table(metrics, file=sys.stdout):
         print(f"(and {hidden} per-class top-1 accuracies in the JSON)", file=file)
 
 
+def non_finite_tensors(state_dict):
+    """Names of the floating-point tensors of a state_dict that hold a NaN or an infinity."""
+    return [name for name, tensor in state_dict.items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
 def read_checkpoint(path):
     """A train.py checkpoint, or a DataError that says what is wrong with the file."""
     try:
@@ -310,8 +316,7 @@ def read_checkpoint(path):
     if missing:
         raise DataError(f"{path} is not a checkpoint written by train.py (no "
                         f"{', '.join(sorted(missing))})")
-    broken = [name for name, tensor in checkpoint["model"].items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = non_finite_tensors(checkpoint["model"])
     if broken:  # train.py never writes one; an older or edited file might hold one
         raise DataError(f"{path} has weights that are not finite ({broken[0]} and "
                         f"{len(broken) - 1} more): the run diverged")

@@ -30,7 +30,8 @@ from data import (RANKS, SKIP_REASONS, CaptionTableDataset, DataError, OneLineEr
                   ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
                   device_name, expand_shards, fraction, make_loader, name_examples,
                   non_negative_float, non_negative_int, positive_float, positive_int, stream_seed)
-from eval import dataset_name, folder_zero_shot, print_table, read_checkpoint
+from eval import (dataset_name, folder_zero_shot, non_finite_tensors, print_table,
+                  read_checkpoint)
 from losses import REGULARIZERS, Objective
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
                    autocast_context, default_device, model_config)
@@ -379,8 +380,7 @@ def save_checkpoint(path, trainee, step, args, skip_counts=None):
                 "python": random.getstate(), "cuda": cuda_rng},
         "skipped": skip_counts or {},
     }
-    broken = [name for name, tensor in checkpoint["model"].items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = non_finite_tensors(checkpoint["model"])
     if broken:  # an update with a finite loss and gradient can still overflow the weights
         raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
                             f"({broken[0]}, ...); {path} is untouched. Try a lower --lr")

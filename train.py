@@ -340,8 +340,8 @@ def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
     them, and a non-finite loss or gradient is counted, then acted on at that line;
     with on_nonfinite="skip" the step checks it at once (a sync) and skips the update.
     -> {"loss", "grad_norm", "nonfinite", and the objective's metrics}"""
-    buffers = [*trainee.model.buffers(), *trainee.objective.buffers()]  # the centers' EMAs
-    if on_nonfinite == "skip":
+    if on_nonfinite == "skip":  # the centers' EMAs, to put back if the step is skipped
+        buffers = [*trainee.model.buffers(), *trainee.objective.buffers()]
         buffers_before = [buffer.clone() for buffer in buffers]
     loss, metrics = forward_backward(trainee, images, tokens, accum_freq)
     max_norm = trainee.grad_clip or float("inf")

@@ -69,8 +69,14 @@ def flops_per_sample(c, objective, batch_size):
         return layers * (2 * weights * tokens + 4 * tokens ** 2 * width)
 
     patches = (c.image_size // c.patch_size) ** 2
-    patch_projection = 2 * 3 * c.patch_size ** 2 * c.vision_width * patches
-    forward = (patch_projection + tower(c.vision_width, c.vision_layers, patches + 1)
+    if c.conv_stem:  # stride-2 3x3 convolutions, channels doubling up to the width
+        depth = c.patch_size.bit_length() - 1
+        channels = [3] + [c.vision_width >> (depth - i) for i in range(1, depth + 1)]
+        stem = [2 * 9 * channels[i] * channels[i + 1] * (c.image_size >> (i + 1)) ** 2
+                for i in range(depth)]
+    else:
+        stem = [2 * 3 * c.patch_size ** 2 * c.vision_width * patches]
+    forward = (sum(stem) + tower(c.vision_width, c.vision_layers, patches + 1)
                + tower(c.text_width, c.text_layers, c.context_length))
     if objective in ("clip", "xclip"):  # projections, then this sample's row of logits
         forward += 2 * (c.vision_width + c.text_width) * c.embed_dim
@@ -80,7 +86,7 @@ def flops_per_sample(c, objective, batch_size):
         head += [c.head_bottleneck_dim, c.num_prototypes]
         for dims in ([c.vision_width] + head, [c.text_width] + head):
             forward += 2 * sum(a * b for a, b in zip(dims, dims[1:]))
-    return 3 * forward - patch_projection  # pixels need no gradient: one backward matmul there
+    return 3 * forward - stem[0]  # pixels need no gradient: one backward matmul there
 
 
 def synthetic_batch(c, batch_size, device):

@@ -27,6 +27,9 @@ def _field(default, help):
 class ModelConfig:
     image_size: int = _field(224, "input image side in pixels")
     patch_size: int = _field(16, "ViT patch side in pixels")
+    conv_stem: bool = _field(
+        False, "patchify with stride-2 3x3 convolutions instead of one patch-sized one "
+               "(see ConvStem); the patch side must be a power of 2")
     vision_width: int = _field(768, "image tower width")
     vision_layers: int = _field(12, "image tower depth")
     vision_heads: int = _field(12, "image tower attention heads")
@@ -48,7 +51,7 @@ class ModelConfig:
 
 PRESETS = {
     # Seconds per step on a laptop CPU; what the default job and the tests train.
-    "tiny": dict(image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+    "tiny": dict(image_size=32, patch_size=8, conv_stem=True, vision_width=128, vision_layers=4,
                  vision_heads=4, context_length=24, text_width=128, text_layers=2,
                  text_heads=4, embed_dim=128, num_prototypes=64, head_hidden_dim=512,
                  head_bottleneck_dim=128),
@@ -129,6 +132,28 @@ class Transformer(nn.Module):
         return x
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
+    Better"): log2(patch) stride-2 3x3 convolutions with GELU between them, channels
+    doubling up to the width, give one token per patch as the patch-sized convolution
+    does, from features that have seen edges and corners first. Xiao et al. put
+    BatchNorm after each convolution and a 1x1 one last; here the ViT's ln_pre follows."""
+
+    def __init__(self, patch_size, width):
+        super().__init__()
+        depth = patch_size.bit_length() - 1
+        channels = [3] + [width >> (depth - i) for i in range(1, depth + 1)]
+        layers = []
+        for i in range(depth):
+            layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+            if i < depth - 1:
+                layers.append(nn.GELU())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, width, H / patch, W / patch)
+        return self.layers(images)
+
+
 class VisionTransformer(nn.Module):
     """ViT as in CLIP: patches + class token + positions, LayerNorm, blocks, LayerNorm.
     The class token's final state is the image feature f_v."""
@@ -136,7 +161,11 @@ class VisionTransformer(nn.Module):
     def __init__(self, c):
         super().__init__()
         num_patches = (c.image_size // c.patch_size) ** 2
-        self.patch_projection = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size, bias=False)
+        if c.conv_stem:
+            self.patch_projection = ConvStem(c.patch_size, c.vision_width)
+        else:
+            self.patch_projection = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size,
+                                              bias=False)
         self.class_embedding = nn.Parameter(torch.randn(c.vision_width) * c.vision_width ** -0.5)
         self.position_embedding = nn.Parameter(
             torch.randn(num_patches + 1, c.vision_width) * c.vision_width ** -0.5)

@@ -62,10 +62,10 @@ def build_parser():
     p.add_argument("--accum-freq", type=positive_int, default=1,
                    help="micro-batches of --batch-size per optimizer step; the loss and gradient "
                         "are those of the whole batch (its negatives and ME-MAX included)")
-    p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps")
-    p.add_argument("--lr", type=non_negative_float, default=5e-4,
-                   help="peak learning rate (CLIP's for B/16; on the tiny preset 2e-3 learns "
-                        "no shape)")
+    p.add_argument("--steps", type=positive_int, default=250, help="optimizer steps")
+    p.add_argument("--lr", type=non_negative_float, default=2e-3,
+                   help="peak learning rate, tuned for the tiny preset on the built-in data "
+                        "(CLIP used 5e-4 for ViT-B/16)")
     p.add_argument("--wd", type=non_negative_float, default=0.2,
                    help="AdamW weight decay on weight matrices")
     p.add_argument("--warmup", type=non_negative_int, default=50,
@@ -743,6 +743,10 @@ def check_flags(args):
             fail(f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}")
     if config.image_size < config.patch_size:
         fail(f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}")
+    if config.conv_stem and (config.patch_size & (config.patch_size - 1)
+                             or config.image_size % config.patch_size):
+        fail(f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
+             f"--patch-size {config.patch_size}, --image-size {config.image_size}")
 
 
 def take_out_dir(out_dir):

@@ -43,9 +43,11 @@ def test_bad_flag_is_one_line_and_exit_code_2():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("conv_stem", (True, False))
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_flop_count_matches_torch_flop_counter(objective):
-    config, batch_size = model_config("tiny", vision_layers=2, text_layers=2), 4
+def test_flop_count_matches_torch_flop_counter(objective, conv_stem):
+    config = model_config("tiny", vision_layers=2, text_layers=2, conv_stem=conv_stem)
+    batch_size = 4
     model = TwoTowerModel(config, objective)
     loss_fn = Objective(objective, config.num_prototypes)
     images, tokens = synthetic_batch(config, batch_size, "cpu")

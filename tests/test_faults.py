@@ -46,6 +46,8 @@ def assert_one_line_error(result, message, code=2):
     (["--train-data", "t.csv", "--val-every", "5"], "pass --zeroshot-data FOLDER"),
     (["--val-probe"], "it needs --val-every"),
     (["--classnames", "names.txt"], "pass that folder too"),
+    (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
+    (["--patch-size", "8", "--image-size", "36"], "--conv-stem needs a power-of-2"),
     pytest.param(["--device", "cuda"], "this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])

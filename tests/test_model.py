@@ -1,11 +1,13 @@
 """The model builds what its objective needs, with the parameter count the
 architecture implies, and its towers pool where METHOD.md says."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import small_config
-from model import OBJECTIVES, PRESETS, TwoTowerModel, model_config
+from model import OBJECTIVES, PRESETS, ConvStem, TwoTowerModel, model_config
 
 
 def block_params(width, mlp_ratio):
@@ -14,8 +16,17 @@ def block_params(width, mlp_ratio):
     return attention + mlp + 4 * width  # two LayerNorms
 
 
+def stem_params(c):
+    if not c.conv_stem:  # one patch-sized convolution, no bias
+        return 3 * c.patch_size ** 2 * c.vision_width
+    convolutions = round(math.log2(c.patch_size))  # each one halves the side
+    channels = [3] + [c.vision_width // 2 ** (convolutions - i)
+                      for i in range(1, convolutions + 1)]
+    return sum(9 * a * b + b for a, b in zip(channels, channels[1:]))  # 3x3 kernels, biases
+
+
 def expected_params(c, objective):
-    vision = (3 * c.patch_size ** 2 * c.vision_width + c.vision_width
+    vision = (stem_params(c) + c.vision_width
               + ((c.image_size // c.patch_size) ** 2 + 1) * c.vision_width
               + c.vision_layers * block_params(c.vision_width, c.mlp_ratio) + 4 * c.vision_width)
     text = ((c.vocab_size + c.context_length) * c.text_width
@@ -134,3 +145,12 @@ def test_uncentered_prototype_logits_are_cosines():
     logits = model(torch.randn(4, 3, 16, 16), torch.full((4, 8), 999)).image_prototype_logits
     assert logits.abs().max() <= 1 + 1e-6
     assert not hasattr(model.image_head, "running_center")
+
+
+@pytest.mark.parametrize("patch_size", (4, 8, 16))
+def test_the_conv_stem_gives_one_token_per_patch_as_the_patch_projection_does(patch_size):
+    stem = ConvStem(patch_size, width=64)
+    patches = stem(torch.randn(2, 3, 4 * patch_size, 4 * patch_size))
+    assert patches.shape == (2, 64, 4, 4)
+    convolutions = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convolutions) == round(math.log2(patch_size))

@@ -45,7 +45,8 @@ ABLATION_METRICS = ("nclip/information", "nclip/same_prototype", "nclip/image_pe
                     "retrieval/synthetic/image_to_text/R@1", "linear_probe/synthetic_shape/top1")
 ZERO_SHOT = ("zeroshot/shape/top1", "zeroshot/color/top1")
 PROBE = ("linear_probe/synthetic_shape/top1", "linear_probe/synthetic_color/top1")
-# Each of nCLIP's departures from the paper's objective, turned off one at a time, then all.
+# Each of nCLIP's departures from the paper's objective, turned off one at a time, then all;
+# then the tiny preset's conv stem, off.
 PAPER_FORM = ("--no-center-prototype-logits --entropy-weight 0 --me-max-weight 1 "
               "--student-temp 0.1 --teacher-temp 0.04 --num-prototypes 512")
 ABLATIONS = (
@@ -63,6 +64,8 @@ ABLATIONS = (
     ("xclip", "--no-center-prototype-logits"),
     ("xclip", "--entropy-weight 0"),
     ("xclip", PAPER_FORM),
+    ("clip", "--no-conv-stem"),  # the tiny preset's image stem, for every objective
+    ("xclip", "--no-conv-stem"),
 )
 
 
@@ -309,12 +312,13 @@ MONITOR_COLUMNS = (  # column -> the log keys it shows, image / text where there
 
 
 def monitor_table(log, steps=MONITOR_STEPS):
-    """Markdown: the collapse monitors of one run's log at the given steps (each log line
-    averages the steps since the one before)."""
+    """Markdown: the collapse monitors of one run's log at the given steps and its last
+    (each log line averages the steps since the one before)."""
     by_step = {line["step"]: line for line in log if "loss" in line}
     lines = ["| step | " + " | ".join(column for column, _ in MONITOR_COLUMNS) + " |",
              "| --- | " + " | ".join("---" for _ in MONITOR_COLUMNS) + " |"]
-    for step in (s for s in steps if s in by_step):
+    last_step = max(by_step)
+    for step in sorted({s for s in steps if s in by_step} | {last_step}):
         line = by_step[step]
         cells = []
         for column, keys in MONITOR_COLUMNS:
@@ -340,7 +344,8 @@ def ablation_study(args):
         result = run(args, name, objective, seed, flags.split())
         runs.append(result)
         m = result["metrics"]
-        cells = [f"{m.get(key, math.nan):.3f}" for key in ABLATION_METRICS]
+        # A CLIP run has no nCLIP monitors.
+        cells = [f"{m[key]:.3f}" if key in m else "—" for key in ABLATION_METRICS]
         lines.append(f"| {objective} | `{flags or '(defaults)'}` | " + " | ".join(cells)
                      + f" | `{result['command']}` |")
     with open(os.path.join(args.out_dir, "ablations.json"), "w") as f:

@@ -29,7 +29,8 @@ class ModelConfig:
     patch_size: int = _field(16, "ViT patch side in pixels")
     conv_stem: bool = _field(
         False, "patchify with stride-2 3x3 convolutions instead of one patch-sized one "
-               "(see ConvStem); the patch side must be a power of 2")
+               "(see ConvStem; the patch side must be a power of 2); on in the tiny preset, off "
+               "in the paper's ViTs")
     vision_width: int = _field(768, "image tower width")
     vision_layers: int = _field(12, "image tower depth")
     vision_heads: int = _field(12, "image tower attention heads")
@@ -45,7 +46,8 @@ class ModelConfig:
     head_bottleneck_dim: int = _field(256, "nCLIP head bottleneck before the prototypes")
     head_layers: int = _field(3, "nCLIP head MLP layers")
     center_prototype_logits: bool = _field(
-        True, "subtract each prototype logit's batch mean before the softmaxes (see PrototypeHead)")
+        True, "subtract each prototype logit's batch mean before the softmaxes (see "
+              "PrototypeHead); on in every preset")
     eot_token_id: int = _field(100257, "end-of-text token, where the text tower pools")
 
 

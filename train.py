@@ -42,21 +42,26 @@ from synthetic import (COLORS, INDICES, SHAPES, SyntheticCaptions, evaluation,
 
 # ----------------------------------------------------------------------------------------- flags
 
+def add_model_flags(parser):
+    """One flag per ModelConfig field; a flag not given keeps the preset's value."""
+    model_flags = parser.add_argument_group("model fields (override the preset)")
+    for f in fields(ModelConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                     help=f.metadata["help"])
+        else:
+            model_flags.add_argument(flag, type=positive_int, default=None,
+                                     help=f.metadata["help"])
+
+
 def build_parser():
     p = OneLineErrorParser(description="Train CLIP, nCLIP or xCLIP (Zhou et al., CVPR 2023).")
     p.add_argument("--loss", choices=OBJECTIVES, default="xclip",
                    help="objective: clip (contrastive), nclip (non-contrastive), xclip (both)")
     p.add_argument("--model", choices=list(PRESETS), default="tiny",
                    help="architecture preset; tiny runs on a CPU, vit_b16 is the paper's")
-    model_flags = p.add_argument_group("model fields (override the preset)")
-    for f in fields(ModelConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                     help=f.metadata["help"] + f" (default: {f.default})")
-        else:
-            model_flags.add_argument(flag, type=positive_int, default=None,
-                                     help=f.metadata["help"])
+    add_model_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="images per process; the global batch is this times the processes")
     p.add_argument("--accum-freq", type=positive_int, default=1,

@@ -1,0 +1,23 @@
+"""tower_probe.py trains the image tower alone on shape labels and learns past chance."""
+import re
+
+from conftest import run_script
+
+
+def val_accuracies(stdout):
+    return [float(x) for x in re.findall(r"val shape top-1 ([0-9.]+)", stdout)]
+
+
+def test_the_tiny_tower_learns_shape_from_labels_past_chance():
+    result = run_script("tower_probe.py", "--steps", "80", "--batch-size", "64",
+                        "--eval-every", "40", "--val-samples", "200", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracies = val_accuracies(result.stdout)
+    assert len(accuracies) == 2
+    assert accuracies[-1] > 0.3  # chance is 1/6
+
+
+def test_a_bad_flag_is_one_line_and_exit_code_2():
+    result = run_script("tower_probe.py", "--steps", "0")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1

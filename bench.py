@@ -7,7 +7,7 @@ Takes train.py's flags (those about data, logging and checkpoints do nothing her
 times its step: forward under autocast, loss, backward, gradient clipping, AdamW step.
 Prints ms/step, samples/s, peak memory, model FLOPs per sample and MFU.
 
-    python bench.py --compare clip xclip open_clip         # interleaved, in one process
+    python bench.py --compare clip xclip open_clip --no-conv-stem   # interleaved, in one process
     python bench.py --batch-size 32 --accum-freq 4         # accumulation, against one batch of 128
 
 --compare times several steps on the same batch, alternating one step of each, so a busy
@@ -19,6 +19,7 @@ is never a dependency of this project.
 import math
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -217,6 +218,10 @@ def main():
     autocast = autocast_context(device, args.precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     config = model_config_from_args(args)
+    if "open_clip" in (args.compare or ()) and config.conv_stem:
+        print("bench.py: error: open_clip's ViT has no conv stem; pass --no-conv-stem to compare "
+              "the same architecture", file=sys.stderr)
+        sys.exit(2)
     if args.loader:
         return time_loader(args, config)
     if args.retrieval:

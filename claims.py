@@ -57,12 +57,7 @@ ABLATIONS = (
     ("nclip", "--student-temp 0.1 --teacher-temp 0.04"),
     ("nclip", "--num-prototypes 512"),
     ("nclip", PAPER_FORM),
-    ("nclip", "--regularizer center"),
-    ("nclip", "--regularizer sinkhorn"),
-    ("nclip", "--target-grad"),
     ("xclip", ""),
-    ("xclip", "--no-center-prototype-logits"),
-    ("xclip", "--entropy-weight 0"),
     ("xclip", PAPER_FORM),
     ("clip", "--no-conv-stem"),  # the tiny preset's image stem, for every objective
     ("xclip", "--no-conv-stem"),
@@ -236,12 +231,16 @@ def collapse_table(runs):
 
 
 def curve(runs, key):
-    """Mean over runs of `key` at each step the log has it: ([steps], [values])."""
+    """Mean over runs of `key` at each step the log has it, and at the last step from the
+    final evaluation where the log has nothing there: ([steps], [values])."""
     by_step = {}
     for run in runs:
-        for line in run["log"]:
-            if key in line:
-                by_step.setdefault(line["step"], []).append(line[key])
+        points = {line["step"]: line[key] for line in run["log"] if key in line}
+        last_step = max(line["step"] for line in run["log"])
+        if key in run["metrics"] and last_step not in points:
+            points[last_step] = run["metrics"][key]
+        for step, value in points.items():
+            by_step.setdefault(step, []).append(value)
     steps = sorted(by_step)
     return steps, [statistics.fmean(by_step[step]) for step in steps]
 

@@ -36,10 +36,14 @@ def test_bench_reports_mfu_against_a_given_peak():
     assert "% of 1 TFLOP/s" in result.stdout
 
 
-def test_bad_flag_is_one_line_and_exit_code_2():
-    result = run_bench("--precision", "fp8")
+@pytest.mark.parametrize("flags,message", [
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--compare", "clip", "open_clip"], "pass --no-conv-stem"),  # before importing open_clip
+])
+def test_bad_flag_is_one_line_and_exit_code_2(flags, message):
+    result = run_bench(*flags)
     assert result.returncode == 2
-    assert "invalid choice: 'fp8'" in result.stderr
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from claims import claim_verdicts, compare, verdict
+from claims import claim_verdicts, compare, curve, verdict
 from conftest import SMALL_MODEL, run_script
 
 
@@ -48,3 +48,14 @@ def test_the_verdicts_change_when_the_numbers_do():
                       "xclip": fake_runs(0.5, 0.5)}
     outcomes = [outcome for _, _, outcome in claim_verdicts(reversed_world)]
     assert outcomes == ["does not hold"] * 3
+
+
+def test_a_curve_ends_at_the_final_evaluation_when_the_log_stops_short_of_it():
+    def logged_run(final):
+        log = [{"step": 100, "zeroshot/shape/top1": 0.3}, {"step": 250, "loss": 1.0}]
+        return {"log": log, "metrics": {"zeroshot/shape/top1": final}}
+    assert curve([logged_run(0.5), logged_run(0.7)], "zeroshot/shape/top1") == ([100, 250],
+                                                                               [0.3, 0.6])
+    evaluated_at_the_end = logged_run(0.5)
+    evaluated_at_the_end["log"].append({"step": 250, "zeroshot/shape/top1": 0.4})
+    assert curve([evaluated_at_the_end], "zeroshot/shape/top1") == ([100, 250], [0.3, 0.4])

@@ -409,9 +409,14 @@ def check_checkpoint_matches(checkpoint, path, args, world_size):
         raise DataError(f"{path} was trained with --loss {checkpoint['objective']}; pass "
                         f"--loss {checkpoint['objective']}")
     config = asdict(model_config_from_args(args))
-    for name, value in checkpoint["model_config"].items():
+    # A field that an older checkpoint lacks had ModelConfig's default then.
+    for name, value in {**asdict(ModelConfig()), **checkpoint["model_config"]}.items():
         if config.get(name) != value:
             flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flag = flag if value else "--no-" + flag[2:]
+                raise DataError(f"{path} was trained with {flag}; pass --model "
+                                f"{saved.get('model')} and {flag}")
             raise DataError(f"{path} has {flag} {value}, these flags give {config.get(name)}; "
                             f"pass --model {saved.get('model')} and {flag} {value}")
     saved_batch = saved.get("global_batch")
@@ -752,6 +757,9 @@ def check_flags(args):
                              or config.image_size % config.patch_size):
         fail(f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
              f"--patch-size {config.patch_size}, --image-size {config.image_size}")
+    if config.conv_stem and config.vision_width < config.patch_size // 2:
+        fail(f"--conv-stem halves --vision-width once per stride-2 convolution: it needs at "
+             f"least {config.patch_size // 2} for --patch-size {config.patch_size}")
 
 
 def take_out_dir(out_dir):

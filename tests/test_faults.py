@@ -48,6 +48,7 @@ def assert_one_line_error(result, message, code=2):
     (["--classnames", "names.txt"], "pass that folder too"),
     (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
     (["--patch-size", "8", "--image-size", "36"], "--conv-stem needs a power-of-2"),
+    (["--vision-width", "2", "--vision-heads", "1"], "it needs at least 4 for --patch-size 8"),
     pytest.param(["--device", "cuda"], "this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
@@ -91,6 +92,7 @@ def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, n
 @pytest.mark.parametrize("flags,message", [
     (["--loss", "clip"], "pass --loss xclip"),
     (["--vision-width", "64"], "pass --model tiny and --vision-width 32"),
+    (["--no-conv-stem"], "was trained with --conv-stem; pass --model tiny and --conv-stem"),
     (["--batch-size", "8"], "pass --batch-size 16"),
 ])
 def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, flags, message):

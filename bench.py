@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data import SKIP_REASONS, Tokenizer
 from eval import retrieval_recall
-from model import autocast_context, default_device
+from model import ConvStem, autocast_context, default_device
 from train import (Trainee, build_model, build_parser, build_train_loader, model_config_from_args,
                    train_step)
 
@@ -71,10 +71,9 @@ def flops_per_sample(c, objective, batch_size):
 
     patches = (c.image_size // c.patch_size) ** 2
     if c.conv_stem:  # stride-2 3x3 convolutions, channels doubling up to the width
-        depth = c.patch_size.bit_length() - 1
-        channels = [3] + [c.vision_width >> (depth - i) for i in range(1, depth + 1)]
+        channels = ConvStem.channels(c.patch_size, c.vision_width)
         stem = [2 * 9 * channels[i] * channels[i + 1] * (c.image_size >> (i + 1)) ** 2
-                for i in range(depth)]
+                for i in range(len(channels) - 1)]
     else:
         stem = [2 * 3 * c.patch_size ** 2 * c.vision_width * patches]
     forward = (sum(stem) + tower(c.vision_width, c.vision_layers, patches + 1)

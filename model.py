@@ -143,14 +143,19 @@ class ConvStem(nn.Module):
 
     def __init__(self, patch_size, width):
         super().__init__()
-        depth = patch_size.bit_length() - 1
-        channels = [3] + [width >> (depth - i) for i in range(1, depth + 1)]
+        channels = self.channels(patch_size, width)
         layers = []
-        for i in range(depth):
+        for i in range(len(channels) - 1):
             layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
-            if i < depth - 1:
+            if i < len(channels) - 2:
                 layers.append(nn.GELU())
         self.layers = nn.Sequential(*layers)
+
+    @staticmethod
+    def channels(patch_size, width):
+        """RGB, then one count per stride-2 convolution, doubling up to `width`."""
+        depth = patch_size.bit_length() - 1
+        return [3] + [width >> (depth - i) for i in range(1, depth + 1)]
 
     def forward(self, images):  # (B, 3, H, W) -> (B, width, H / patch, W / patch)
         return self.layers(images)

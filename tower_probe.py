@@ -19,7 +19,8 @@ from tqdm import tqdm
 from data import OneLineErrorParser, TrainTransform, non_negative_float, positive_int
 from model import PRESETS, VisionTransformer
 from synthetic import SHAPES, SyntheticCaptions, object_labels, scored_scenes
-from train import add_model_flags, learning_rate, model_config_from_args
+from train import (add_model_flags, learning_rate, model_config_from_args,
+                   model_config_problem)
 
 
 def build_parser():
@@ -49,8 +50,12 @@ def labelled_batch(scenes, first_index, batch_size):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     config = model_config_from_args(args)
+    problem = model_config_problem(config)
+    if problem:
+        parser.error(problem)
     torch.manual_seed(args.seed)
     tower = VisionTransformer(config)
     classifier = nn.Linear(config.vision_width, len(SHAPES))

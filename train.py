@@ -746,21 +746,27 @@ def check_flags(args):
     if args.synthetic_heldout_pairs >= pairs:
         fail(f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "
              f"(color, shape) pairs and training needs at least one; pass at most {pairs - 1}")
-    config = model_config_from_args(args)
+    problem = model_config_problem(model_config_from_args(args))
+    if problem:
+        fail(problem)
+
+
+def model_config_problem(config):
+    """What makes this architecture unbuildable, as a one-line message; None if nothing."""
     for tower in ("vision", "text"):
         width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
         if width % heads:
-            fail(f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}")
+            return f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}"
     if config.image_size < config.patch_size:
-        fail(f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}")
+        return f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}"
     if config.conv_stem and (config.patch_size & (config.patch_size - 1)
                              or config.image_size % config.patch_size):
-        fail(f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
-             f"--patch-size {config.patch_size}, --image-size {config.image_size}")
+        return (f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
+                f"--patch-size {config.patch_size}, --image-size {config.image_size}")
     if config.conv_stem and config.vision_width < config.patch_size // 2:
-        fail(f"--conv-stem halves --vision-width once per stride-2 convolution: it needs at "
-             f"least {config.patch_size // 2} for --patch-size {config.patch_size}")
-
+        return (f"--conv-stem halves --vision-width once per stride-2 convolution: it needs at "
+                f"least {config.patch_size // 2} for --patch-size {config.patch_size}")
+    return None
 
 def take_out_dir(out_dir):
     """A lock file with our pid: two live runs never share an --out-dir (and its

@@ -1,6 +1,8 @@
 """tower_probe.py trains the image tower alone on shape labels and learns past chance."""
 import re
 
+import pytest
+
 from conftest import run_script
 
 
@@ -17,7 +19,12 @@ def test_the_tiny_tower_learns_shape_from_labels_past_chance():
     assert accuracies[-1] > 0.3  # chance is 1/6
 
 
-def test_a_bad_flag_is_one_line_and_exit_code_2():
-    result = run_script("tower_probe.py", "--steps", "0")
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "must be a positive integer"),
+    (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
+])
+def test_a_bad_flag_is_one_line_and_exit_code_2(flags, message):
+    result = run_script("tower_probe.py", *flags)
     assert result.returncode == 2
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -62,7 +62,7 @@ def text_embeddings(model, tokenizer, texts, device, batch_size=256):
     model.eval()
     embeddings = []
     for start in tqdm(range(0, len(texts), batch_size), desc="texts", leave=False, disable=None):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        tokens = tokenizer.trim_padding(tokenizer(texts[start:start + batch_size])).to(device)
         with autocast_context(device):
             embeddings.append(model.embed_text(tokens).float().cpu())
     return torch.cat(embeddings)
@@ -168,7 +168,11 @@ def cpu_threads(count):
 def linear_probe(train_features, train_labels, test_features, test_labels, l2_grid=L2_GRID,
                  heldout_fraction=0.2, seed=0, device="cpu"):
     """Pick the L2 strength with the best top-1 on a random held-out part of the train
-    split (ties go to the stronger), refit on the whole split, report test top-1."""
+    split (ties go to the stronger), refit on the whole split, report test top-1.
+    Features that are not all finite (a diverged model) have no probe: NaN at once, where
+    L-BFGS's line search would spin to max_iter on a NaN loss."""
+    if not (torch.isfinite(train_features).all() and torch.isfinite(test_features).all()):
+        return {"top1": float("nan"), "l2": float("nan")}
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train_features = train_features.to(device, torch.float64)
     test_features = test_features.to(device, torch.float64)

@@ -275,8 +275,8 @@ def encode_scenes(model, scenes, device, projected=True, batch_size=256):
 
 def zero_shot_evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout_pairs=4,
                          device="cpu", batch_size=256):
-    """Zero-shot shape and color on single-object val images, and shape on the held-out
-    (color, shape) pairs (compositional generalization)."""
+    """Zero-shot shape (with each shape's top-1) and color on single-object val images,
+    and shape on the held-out (color, shape) pairs (compositional generalization)."""
     size = model.config.image_size
     single = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
                            two_object_fraction=0.0)
@@ -287,7 +287,8 @@ def zero_shot_evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout
     embeddings = encode_scenes(model, single, device, batch_size=batch_size)
     shape_labels = object_labels(single, "shape", SHAPES)
     color_labels = object_labels(single, "color", COLORS)
-    tasks = {"zeroshot/shape": zero_shot_accuracy(embeddings, shape_labels, shape_classifier),
+    tasks = {"zeroshot/shape": zero_shot_accuracy(embeddings, shape_labels, shape_classifier,
+                                                  class_keys=list(SHAPES)),
              "zeroshot/color": zero_shot_accuracy(embeddings, color_labels, color_classifier)}
     if num_heldout_pairs:
         heldout = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,

@@ -1,7 +1,9 @@
 """What the tests share: the small model they train, how they run a script, and the data
 files they write themselves (tar shards as img2dataset lays them out)."""
+import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -45,6 +47,29 @@ def run_script(script, *flags, timeout=600):
 
 def run_train(*flags, timeout=600):
     return run_script("train.py", *flags, timeout=timeout)
+
+
+def run_in_process(monkeypatch, capsys, script, *flags):
+    """python SCRIPT FLAGS as its main() in this process: for a command that must stop
+    before it trains or scores (a bad flag, path or checkpoint), the code a user runs
+    without a Python start-up per case. Returns what run_script returns; a train.py run
+    leaves no lock in its --out-dir."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [script, *flags])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest keeps its handlers
+    try:
+        module.main()
+        returncode = 0
+    except SystemExit as exit:
+        returncode = exit.code
+    finally:
+        out_dir = flags[flags.index("--out-dir") + 1] if "--out-dir" in flags else "out"
+        lock = os.path.join(out_dir, "train.lock")
+        if script == "train.py" and os.path.isfile(lock) and open(lock).read() == str(os.getpid()):
+            os.remove(lock)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *flags], returncode, captured.out, captured.err)
 
 
 def jpeg_bytes(color, size=(40, 30)):

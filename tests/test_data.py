@@ -5,6 +5,7 @@ from PIL import Image
 
 from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, open_image,
                   read_caption_table)
+from model import TwoTowerModel, model_config
 from synthetic import COLORS, SHAPES, SyntheticCaptions, heldout_pairs
 
 
@@ -29,6 +30,16 @@ def test_tokenizer_truncates_but_keeps_end_of_text_last():
 def test_tokenizer_encodes_special_token_text_as_plain_text():
     tokens = Tokenizer(context_length=16)(["<|endoftext|> is text"])[0]
     assert (tokens == Tokenizer(16).eot_token_id).sum() == 1
+
+
+def test_trimming_padding_leaves_the_text_features_unchanged():
+    tokenizer = Tokenizer(context_length=24)
+    tokens = tokenizer(["a red circle", "a photo of a large blue star above a small green ring"])
+    trimmed = tokenizer.trim_padding(tokens)
+    assert trimmed.shape[1] == (tokens[1] == tokenizer.eot_token_id).nonzero().item() + 1 < 24
+    torch.manual_seed(0)
+    text_tower = TwoTowerModel(model_config("tiny", text_width=32, text_heads=2), "clip").text
+    torch.testing.assert_close(text_tower(trimmed), text_tower(tokens))
 
 
 def test_synthetic_sample_depends_only_on_seed_split_and_index():

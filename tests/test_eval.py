@@ -1,6 +1,7 @@
 """eval.py: readers for image folders and caption files, the three tasks against
 independent brute-force versions, and the command line on a checkpoint of a short run."""
 import json
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_capt
                   open_image, read_caption_table, read_image_folder)
 from eval import (fit_logistic_regression, image_features, linear_probe, retrieval_recall,
                   zero_shot_accuracy, zero_shot_classifier)
+from synthetic import SHAPES
 
 
 def write_image(path, color, size=(12, 10)):
@@ -193,6 +195,13 @@ def test_linear_probe_stays_near_chance_on_shuffled_labels():
     assert probe["top1"] < 0.5  # chance: 1/3
 
 
+def test_a_probe_of_features_that_are_not_finite_is_nan():
+    generator = torch.Generator().manual_seed(0)
+    (train, train_labels), test = (separable_features(150, generator) for _ in range(2))
+    train[7, 1] = float("nan")  # a diverged model's features
+    assert math.isnan(linear_probe(train, train_labels, *test)["top1"])
+
+
 def overlapping_blobs(n, generator, classes=5, dim=20):
     centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(1)).double()
     labels = torch.randint(0, classes, (n,), generator=generator)
@@ -236,6 +245,8 @@ def checkpoint(tmp_path_factory):
     metrics = json.loads((out_dir / "final_metrics.json").read_text())
     assert {"zeroshot/shape/top1", "retrieval/synthetic/text_to_image/R@10",
             "linear_probe/synthetic_shape/top1"} <= set(metrics)  # train.py reports all three tasks
+    per_shape = [metrics[f"zeroshot/shape/class_top1/{shape}"] for shape in SHAPES]
+    assert min(per_shape) <= metrics["zeroshot/shape/top1"] <= max(per_shape)
     return str(out_dir / "ckpt.pt")
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import MINI, ROOT, run_script, run_train, write_tar_shards
+from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
 
 def assert_one_line_error(result, message, code=2):
     assert result.returncode == code, result.stderr[-2000:]
@@ -52,8 +52,9 @@ def assert_one_line_error(result, message, code=2):
     pytest.param(["--device", "cuda"], "this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
-def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path, flags, message):
-    result = run_train(*MINI, "--out-dir", str(tmp_path), *flags, timeout=60)
+def test_a_bad_flag_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, flags, message):
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--out-dir", str(tmp_path),
+                            *flags)
     assert_one_line_error(result, message)
 
 
@@ -83,9 +84,11 @@ BAD_CHECKPOINTS = [
 
 
 @pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
-def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, name, message):
+def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, monkeypatch, capsys,
+                                                       name, message):
     write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
-    result = run_train(*MINI, "--resume", str(tmp_path / name), "--out-dir", str(tmp_path / "o"))
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--resume",
+                            str(tmp_path / name), "--out-dir", str(tmp_path / "o"))
     assert_one_line_error(result, message)
 
 
@@ -95,8 +98,10 @@ def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, n
     (["--no-conv-stem"], "was trained with --conv-stem; pass --model tiny and --conv-stem"),
     (["--batch-size", "8"], "pass --batch-size 16"),
 ])
-def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, flags, message):
-    result = run_train(*MINI, *flags, "--resume", "latest", "--out-dir", str(finished_run))
+def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, monkeypatch, capsys, flags,
+                                                         message):
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, *flags, "--resume",
+                            "latest", "--out-dir", str(finished_run))
     assert_one_line_error(result, message)
 
 
@@ -306,15 +311,16 @@ def test_retrieval_rows_repeated_or_spelled_twice_count_once(tmp_path):
     (["--output", "/nonexistent/folder/m.json"], "no folder"),
     (["--device", "bogus"], "not a device"),
 ])
-def test_eval_flag_errors_are_one_line(finished_run, tmp_path, flags, message):
-    result = run_script("eval.py", "zeroshot", "--checkpoint", str(finished_run / "ckpt.pt"),
-                        "--data", str(tmp_path), *flags, timeout=60)
+def test_eval_flag_errors_are_one_line(finished_run, tmp_path, monkeypatch, capsys, flags, message):
+    result = run_in_process(monkeypatch, capsys, "eval.py", "zeroshot", "--checkpoint",
+                            str(finished_run / "ckpt.pt"), "--data", str(tmp_path), *flags)
     assert_one_line_error(result, message)
 
 
 @pytest.mark.parametrize("name,message", BAD_CHECKPOINTS)
-def test_eval_of_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, name, message):
+def test_eval_of_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, monkeypatch, capsys,
+                                                     name, message):
     write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
-    result = run_script("eval.py", "zeroshot", "--checkpoint", str(tmp_path / name),
-                        "--data", str(tmp_path), timeout=60)
+    result = run_in_process(monkeypatch, capsys, "eval.py", "zeroshot", "--checkpoint",
+                            str(tmp_path / name), "--data", str(tmp_path))
     assert_one_line_error(result, message)

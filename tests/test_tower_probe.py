@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 
 def val_accuracies(stdout):
@@ -23,8 +23,8 @@ def test_the_tiny_tower_learns_shape_from_labels_past_chance():
     (["--steps", "0"], "must be a positive integer"),
     (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
 ])
-def test_a_bad_flag_is_one_line_and_exit_code_2(flags, message):
-    result = run_script("tower_probe.py", *flags)
+def test_a_bad_flag_is_one_line_and_exit_code_2(monkeypatch, capsys, flags, message):
+    result = run_in_process(monkeypatch, capsys, "tower_probe.py", *flags)
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -64,12 +64,21 @@ def run_in_process(monkeypatch, capsys, script, *flags):
     except SystemExit as exit:
         returncode = exit.code
     finally:
-        out_dir = flags[flags.index("--out-dir") + 1] if "--out-dir" in flags else "out"
-        lock = os.path.join(out_dir, "train.lock")
-        if script == "train.py" and os.path.isfile(lock) and open(lock).read() == str(os.getpid()):
-            os.remove(lock)
+        if script == "train.py":
+            remove_own_lock(flags[flags.index("--out-dir") + 1] if "--out-dir" in flags else "out")
     captured = capsys.readouterr()
     return subprocess.CompletedProcess([script, *flags], returncode, captured.out, captured.err)
+
+
+def remove_own_lock(out_dir):
+    """train.py's lock in `out_dir` if this process holds it (a subprocess's lock goes
+    when it exits; ours would stay until pytest does)."""
+    lock = os.path.join(out_dir, "train.lock")
+    if os.path.isfile(lock):
+        with open(lock) as f:
+            ours = f.read().strip() == str(os.getpid())
+        if ours:
+            os.remove(lock)
 
 
 def jpeg_bytes(color, size=(40, 30)):

@@ -31,6 +31,9 @@ class ModelConfig:
         False, "patchify with stride-2 3x3 convolutions instead of one patch-sized one "
                "(see ConvStem; the patch side must be a power of 2); on in the tiny preset, off "
                "in the paper's ViTs")
+    conv_stem_norm: bool = _field(
+        False, "normalize the conv stem's feature maps between its convolutions (GroupNorm, "
+               "one group: see ConvStem); on in the tiny preset")
     vision_width: int = _field(768, "image tower width")
     vision_layers: int = _field(12, "image tower depth")
     vision_heads: int = _field(12, "image tower attention heads")
@@ -53,10 +56,10 @@ class ModelConfig:
 
 PRESETS = {
     # Seconds per step on a laptop CPU; what the default job and the tests train.
-    "tiny": dict(image_size=32, patch_size=8, conv_stem=True, vision_width=128, vision_layers=4,
-                 vision_heads=4, context_length=24, text_width=128, text_layers=2,
-                 text_heads=4, embed_dim=128, num_prototypes=64, head_hidden_dim=512,
-                 head_bottleneck_dim=128),
+    "tiny": dict(image_size=32, patch_size=8, conv_stem=True, conv_stem_norm=True,
+                 vision_width=128, vision_layers=4, vision_heads=4, context_length=24,
+                 text_width=128, text_layers=2, text_heads=4, embed_dim=128, num_prototypes=64,
+                 head_hidden_dim=512, head_bottleneck_dim=128),
     "vit_s16": dict(vision_width=384, vision_heads=6, text_width=384, text_heads=6,
                     embed_dim=384),
     "vit_b16": dict(),  # the paper's ViT-B/16 with CLIP's text transformer
@@ -138,16 +141,27 @@ class ConvStem(nn.Module):
     """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See
     Better"): log2(patch) stride-2 3x3 convolutions with GELU between them, channels
     doubling up to the width, give one token per patch as the patch-sized convolution
-    does, from features that have seen edges and corners first. Xiao et al. put
-    BatchNorm after each convolution and a 1x1 one last; here the ViT's ln_pre follows."""
+    does, from features that have seen edges and corners first. Xiao et al. end with a 1x1
+    convolution; here the ViT's ln_pre follows.
 
-    def __init__(self, patch_size, width):
+    `normalize` puts a normalization before each GELU, as Xiao et al. put BatchNorm there.
+    Without one, PyTorch's default initialization shrinks the signal at every convolution:
+    the patch features start about three times smaller than the position embedding they
+    are added to, every image looks alike to the blocks, and the tower is slow to learn
+    shape (README, "The default run"). This uses GroupNorm with one group, which
+    standardizes each image's feature map over its channels and positions: unlike
+    BatchNorm it does not mix the samples of a batch, so N processes and gradient
+    accumulation still compute exactly one batch's gradient."""
+
+    def __init__(self, patch_size, width, normalize=False):
         super().__init__()
         channels = self.channels(patch_size, width)
         layers = []
         for i in range(len(channels) - 1):
             layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
             if i < len(channels) - 2:
+                if normalize:
+                    layers.append(nn.GroupNorm(1, channels[i + 1]))
                 layers.append(nn.GELU())
         self.layers = nn.Sequential(*layers)
 
@@ -169,7 +183,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         num_patches = (c.image_size // c.patch_size) ** 2
         if c.conv_stem:
-            self.patch_projection = ConvStem(c.patch_size, c.vision_width)
+            self.patch_projection = ConvStem(c.patch_size, c.vision_width, c.conv_stem_norm)
         else:
             self.patch_projection = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size,
                                               bias=False)

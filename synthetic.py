@@ -42,7 +42,7 @@ COLORS = {
     "cyan": ((30, 200, 210), ("cyan", "turquoise")),
 }
 SIZES = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
-RADII = {"small": (0.20, 0.25), "large": (0.28, 0.35)}  # fractions of the image side
+RADII = {"small": (0.26, 0.30), "large": (0.33, 0.38)}  # fractions of the image side
 TWO_OBJECT_SCALE = 0.7  # objects shrink to fit two side by side
 RELATIONS = {  # (dx, dy) of the first object relative to the second
     (-1, 0): ("to the left of", "left of"), (1, 0): ("to the right of", "right of"),

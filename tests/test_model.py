@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import small_config
 from model import OBJECTIVES, PRESETS, ConvStem, TwoTowerModel, model_config
+from synthetic import scored_scenes
 
 
 def block_params(width, mlp_ratio):
@@ -22,7 +23,10 @@ def stem_params(c):
     convolutions = round(math.log2(c.patch_size))  # each one halves the side
     channels = [3] + [c.vision_width // 2 ** (convolutions - i)
                       for i in range(1, convolutions + 1)]
-    return sum(9 * a * b + b for a, b in zip(channels, channels[1:]))  # 3x3 kernels, biases
+    params = sum(9 * a * b + b for a, b in zip(channels, channels[1:]))  # 3x3 kernels, biases
+    if c.conv_stem_norm:  # a GroupNorm's scale and shift after each convolution but the last
+        params += sum(2 * b for b in channels[1:-1])
+    return params
 
 
 def expected_params(c, objective):
@@ -147,10 +151,28 @@ def test_uncentered_prototype_logits_are_cosines():
     assert not hasattr(model.image_head, "running_center")
 
 
+@pytest.mark.parametrize("normalize", (True, False))
 @pytest.mark.parametrize("patch_size", (4, 8, 16))
-def test_the_conv_stem_gives_one_token_per_patch_as_the_patch_projection_does(patch_size):
-    stem = ConvStem(patch_size, width=64)
+def test_the_conv_stem_gives_one_token_per_patch_as_the_patch_projection_does(patch_size,
+                                                                              normalize):
+    stem = ConvStem(patch_size, width=64, normalize=normalize)
     patches = stem(torch.randn(2, 3, 4 * patch_size, 4 * patch_size))
     assert patches.shape == (2, 64, 4, 4)
     convolutions = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convolutions) == round(math.log2(patch_size))
+
+
+@pytest.mark.parametrize("normalize", (True, False))
+def test_only_the_normalized_conv_stem_starts_with_patches_that_outweigh_the_positions(normalize):
+    # Built-in images through the tiny tower at initialization: without normalization the
+    # image-dependent part of the patch features is smaller than the position embedding
+    # added to it, so every image looks alike to the blocks.
+    torch.manual_seed(0)
+    tower = TwoTowerModel(model_config("tiny", conv_stem_norm=normalize), "clip").visual
+    scenes = scored_scenes("val", 32, 0, 32, 4)
+    images = torch.stack([scenes[i][0] for i in range(len(scenes))])
+    with torch.no_grad():
+        patches = tower.patch_projection(images)  # (B, D, 4, 4)
+    image_dependent = (patches - patches.mean(dim=0)).std()
+    positions = tower.position_embedding.std()
+    assert (image_dependent > positions) == normalize

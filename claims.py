@@ -46,7 +46,7 @@ ABLATION_METRICS = ("nclip/information", "nclip/same_prototype", "nclip/image_pe
 ZERO_SHOT = ("zeroshot/shape/top1", "zeroshot/color/top1")
 PROBE = ("linear_probe/synthetic_shape/top1", "linear_probe/synthetic_color/top1")
 # Each of nCLIP's departures from the paper's objective, turned off one at a time, then all;
-# then the tiny preset's conv stem, off.
+# then the tiny preset's conv stem, its normalization, and the long warm-up, each off.
 PAPER_FORM = ("--no-center-prototype-logits --entropy-weight 0 --me-max-weight 1 "
               "--student-temp 0.1 --teacher-temp 0.04 --num-prototypes 512")
 ABLATIONS = (
@@ -61,6 +61,10 @@ ABLATIONS = (
     ("xclip", PAPER_FORM),
     ("clip", "--no-conv-stem"),  # the tiny preset's image stem, for every objective
     ("xclip", "--no-conv-stem"),
+    ("clip", "--no-conv-stem-norm"),
+    ("xclip", "--no-conv-stem-norm"),
+    ("clip", "--warmup 50"),
+    ("xclip", "--warmup 50"),
 )
 
 

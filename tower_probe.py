@@ -4,8 +4,13 @@ entropy, AdamW, train.py's warm-up and cosine schedule), and prints val shape to
 goes. It separates the tower's ability from the signal the objective gives it: if a tower
 cannot learn shape from labels in a few hundred steps, no caption will teach it faster.
 
+With --color-labels a second linear classifier learns the color label beside it (the two
+cross entropies summed): the tower must then learn color as well, as it must under any
+objective whose captions name colors, and what that costs shape shows.
+
     python tower_probe.py                          # the tiny preset: conv stem, 32 px
-    python tower_probe.py --no-conv-stem --image-size 48 --lr 5e-4   # the former tiny tower
+    python tower_probe.py --color-labels           # shape and color together
+    python tower_probe.py --color-labels --no-conv-stem-norm   # the same, stem not normalized
 
 Takes train.py's model flags; only the image tower's fields matter.
 """
@@ -18,7 +23,7 @@ from tqdm import tqdm
 
 from data import OneLineErrorParser, TrainTransform, non_negative_float, positive_int
 from model import PRESETS, VisionTransformer
-from synthetic import SHAPES, SyntheticCaptions, object_labels, scored_scenes
+from synthetic import COLORS, SHAPES, SyntheticCaptions, object_labels, scored_scenes
 from train import (add_model_flags, learning_rate, model_config_from_args,
                    model_config_problem)
 
@@ -37,16 +42,19 @@ def build_parser():
                    help="steps between val evaluations")
     p.add_argument("--val-samples", type=positive_int, default=500, help="val images")
     p.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
+    p.add_argument("--color-labels", action="store_true",
+                   help="also learn the color label, with a second linear classifier")
     return p
 
 
 def labelled_batch(scenes, first_index, batch_size):
-    """Images and shape labels of samples first_index, first_index + 1, ..."""
+    """Images, shape labels and color labels of samples first_index, first_index + 1, ..."""
     indices = range(first_index, first_index + batch_size)
     images = torch.stack([scenes[i][0] for i in indices])
-    names = list(SHAPES)
-    labels = torch.tensor([names.index(scenes.scene(i)[0][0].shape) for i in indices])
-    return images, labels
+    objects = [scenes.scene(i)[0][0] for i in indices]
+    shapes = torch.tensor([list(SHAPES).index(obj.shape) for obj in objects])
+    colors = torch.tensor([list(COLORS).index(obj.color) for obj in objects])
+    return images, shapes, colors
 
 
 def main(argv=None):
@@ -59,7 +67,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     tower = VisionTransformer(config)
     classifier = nn.Linear(config.vision_width, len(SHAPES))
-    parameters = list(tower.parameters()) + list(classifier.parameters())
+    heads = [classifier]
+    if args.color_labels:
+        heads.append(nn.Linear(config.vision_width, len(COLORS)))
+    parameters = [p for module in (tower, *heads) for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.wd,
                                   betas=(0.9, 0.98), eps=1e-6)
     size = config.image_size
@@ -76,8 +87,11 @@ def main(argv=None):
     for step in tqdm(range(args.steps), desc="steps"):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        images, labels = labelled_batch(train_scenes, step * args.batch_size, args.batch_size)
-        loss = F.cross_entropy(classifier(tower(images)), labels)
+        images, shapes, colors = labelled_batch(train_scenes, step * args.batch_size,
+                                                args.batch_size)
+        features = tower(images)
+        loss = sum(F.cross_entropy(head(features), labels)
+                   for head, labels in zip(heads, (shapes, colors)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,4 +1,6 @@
-"""tower_probe.py trains the image tower alone on shape labels and learns past chance."""
+"""tower_probe.py trains the image tower alone on shape labels (and color labels, when
+asked) and learns past chance."""
+import math
 import re
 
 import pytest
@@ -17,6 +19,19 @@ def test_the_tiny_tower_learns_shape_from_labels_past_chance():
     accuracies = val_accuracies(result.stdout)
     assert len(accuracies) == 2
     assert accuracies[-1] > 0.3  # chance is 1/6
+
+
+def first_loss(*flags):
+    result = run_script("tower_probe.py", "--steps", "1", "--batch-size", "16",
+                        "--val-samples", "20", *flags, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return float(re.search(r"step 1: loss ([0-9.]+)", result.stdout).group(1))
+
+
+def test_color_labels_add_the_color_cross_entropy_to_the_loss():
+    # At initialization each cross entropy is near the log of its class count.
+    added = first_loss("--color-labels") - first_loss()
+    assert added == pytest.approx(math.log(8), abs=0.3)
 
 
 @pytest.mark.parametrize("flags,message", [

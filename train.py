@@ -675,7 +675,8 @@ def train(args):
             phase = "waiting"
             images, tokens, skipped_now = next(batches)
             phase = "training"
-            tokens = tokenizer.trim_padding(tokens)  # the same features, less to compute
+            if not args.compile:  # the same features, less to compute; a compiled graph
+                tokens = tokenizer.trim_padding(tokens)  # keeps one length, compiled once
             skipped += skipped_now.sum(dim=0)
             log.add(train_step(trainee, images.to(device, non_blocking=True),
                                tokens.to(device, non_blocking=True), args.on_nonfinite,

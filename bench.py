@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from data import SKIP_REASONS, Tokenizer
 from eval import retrieval_recall
 from model import ConvStem, autocast_context, default_device
-from train import (Trainee, build_model, build_parser, build_train_loader, model_config_from_args,
+from train import (build_parser, build_train_loader, build_trainee, model_config_from_args,
                    train_step)
 
 # Dense bf16 tensor-core peaks from the data sheets (TFLOP/s). MFU is reported against
@@ -154,15 +154,13 @@ def open_clip_step(args, config, device, autocast):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def our_step(args, loss, device, autocast, accum_freq):
+def our_step(args, loss, device, accum_freq):
     args.loss = loss
-    model, objective, optimizer = build_model(args, device)
-    train_model = torch.compile(model) if args.compile else model
-    trainee = Trainee(model, train_model, objective, optimizer, autocast, args.grad_clip)
+    trainee = build_trainee(args, device)
 
     def step(images, tokens):
         train_step(trainee, images, tokens, accum_freq=accum_freq)
-    return step, model.num_params()
+    return step, trainee.model.num_params()
 
 
 def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
@@ -185,7 +183,7 @@ def time_loader(args, config):
     """Images/s of train.py's loader on --train-data with --workers processes: decoding,
     random resized crop, normalization, tokenization and collation, what a GPU waits for."""
     tokenizer = Tokenizer(config.context_length)
-    loader = build_train_loader(args, config.image_size, tokenizer, 0, 1, 0)
+    loader = build_train_loader(args, tokenizer, config.image_size)
     batches = iter(loader)
     for _ in range(args.warmup_steps):  # worker start-up and prefetch
         next(batches)
@@ -230,10 +228,10 @@ def main():
         if name == "open_clip":
             steps[name], params[name] = open_clip_step(args, config, device, autocast)
             continue
-        steps[name], params[name] = our_step(args, name, device, autocast, args.accum_freq)
+        steps[name], params[name] = our_step(args, name, device, args.accum_freq)
         if args.accum_freq > 1:  # what accumulation costs: the same step on the whole batch
             whole = f"{name}, whole batch"
-            steps[whole], params[whole] = our_step(args, name, device, autocast, 1)
+            steps[whole], params[whole] = our_step(args, name, device, 1)
     names = list(steps)
     step_batch = args.batch_size * args.accum_freq  # samples per optimizer step
     batch = synthetic_batch(config, step_batch, device)

@@ -1,6 +1,6 @@
-"""Tokenizer, image transforms, caption tables and tar shards, loaders, and how bad user
-input is reported. The built-in synthetic dataset lives in synthetic.py."""
-import argparse
+"""What the towers are fed: the tokenizer, image transforms, image folders, caption tables
+and tar shards, and their loaders. A bad sample is skipped and counted (SKIP_REASONS); bad
+user data is a DataError (faults.py). The built-in synthetic dataset lives in synthetic.py."""
 import csv
 import io
 import json
@@ -18,71 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-
-class DataError(Exception):
-    """Bad user data (a missing path, an empty folder): reported in one line, exit 2."""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def below_one(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def device_name(text):
-    """A device this machine has: cpu, cuda or cuda:N."""
-    try:
-        device_type = torch.device(text).type
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device (cpu, cuda, cuda:N), got {text}")
-    if device_type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"this machine has no CUDA device, got {text}")
-    return text
+from faults import DataError
 
 
 def stream_seed(seed, *digits):

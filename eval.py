@@ -1,10 +1,13 @@
-"""Downstream evaluation: zero-shot classification, image-text retrieval, linear probe.
+"""Evaluation: zero-shot classification, image-text retrieval and the linear probe, on
+image folders and caption files or on the built-in data. One command line for all.
 
     python eval.py zeroshot --checkpoint CKPT --data imagenet/val --classnames names.txt
     python eval.py retrieval --checkpoint CKPT --data coco_5k.csv
     python eval.py linear-probe --checkpoint CKPT --train-data cifar/train --test-data cifar/test
+    python eval.py synthetic --checkpoint CKPT     # all three on the built-in val data
 
-The same three tasks on the built-in data: `python synthetic.py eval --checkpoint CKPT`.
+Every function below the command line's takes explicit arguments: call them from a
+notebook with a model from checkpoint.load_model.
 """
 import argparse
 import hashlib
@@ -18,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer,
-                  collate_readable, device_name, group_captions_by_image, make_loader,
-                  name_examples, non_negative_int, open_image, positive_float, positive_int,
+from checkpoint import load_model
+from data import (EvalTransform, IndexedImages, Tokenizer, collate_readable,
+                  group_captions_by_image, make_loader, name_examples, open_image,
                   read_caption_table, read_image_folder, read_lines)
-from model import TwoTowerModel, autocast_context, default_device
+from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
+                    positive_float, positive_int)
+from model import autocast_context, default_device
+from synthetic import COLORS, SHAPES, object_labels, scored_scenes, with_article
 
 # "a photo of a {}." and the 7 of CLIP's 80 ImageNet templates that its prompt-engineering
 # notebook recommends as a small ensemble.
@@ -36,20 +42,22 @@ L2_GRID = tuple(10.0 ** k for k in range(-6, 3))
 # ---------------------------------------------------------------------------------------- features
 
 @torch.no_grad()
-def image_features(model, dataset, device, projected=True, batch_size=256, workers=0,
+def image_features(model, dataset, device, *, projected=True, batch_size=256, workers=0,
                    desc="images"):
     """Encode the readable images of `dataset` (batches of (image or None, index)) ->
     (features, dataset index of each row): the unit CLIP embeddings u, or with
     projected=False the tower features f_v. Unreadable images are skipped."""
     model.eval()
-    encode = model.embed_image if projected else model.encode_image
     loader = make_loader(dataset, batch_size, workers=workers, collate_fn=collate_readable,
                          pin_memory=torch.device(device).type == "cuda")
     features, indices = [], []
     for images, batch_indices in tqdm(loader, desc=desc, leave=False, disable=None):
         if images is not None:
             with autocast_context(device):
-                features.append(encode(images.to(device)).float().cpu())
+                images = images.to(device)
+                encoded = (model.encode_image(images, normalize=True) if projected
+                           else model.image_tower_features(images))
+                features.append(encoded.float().cpu())
             indices.append(batch_indices)
     if not features:
         raise DataError(f"none of the {len(dataset)} images could be read")
@@ -64,7 +72,7 @@ def text_embeddings(model, tokenizer, texts, device, batch_size=256):
     for start in tqdm(range(0, len(texts), batch_size), desc="texts", leave=False, disable=None):
         tokens = tokenizer.trim_padding(tokenizer(texts[start:start + batch_size])).to(device)
         with autocast_context(device):
-            embeddings.append(model.embed_text(tokens).float().cpu())
+            embeddings.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(embeddings)
 
 
@@ -165,7 +173,7 @@ def cpu_threads(count):
         torch.set_num_threads(previous)
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, l2_grid=L2_GRID,
+def linear_probe(train_features, train_labels, test_features, test_labels, *, l2_grid=L2_GRID,
                  heldout_fraction=0.2, seed=0, device="cpu"):
     """Pick the L2 strength with the best top-1 on a random held-out part of the train
     split (ties go to the stronger), refit on the whole split, report test top-1.
@@ -198,12 +206,13 @@ def linear_probe(train_features, train_labels, test_features, test_labels, l2_gr
 
 # -------------------------------------------------------------------------- folders, caption files
 
-def readable_image_features(model, paths, args, projected=True, desc="images"):
+def readable_image_features(model, paths, device, *, projected=True, batch_size=256, workers=0,
+                            desc="images"):
     """Features of the images at `paths` that can be read, the row indices into
     `paths`, and how many were skipped (printed with the first few names)."""
     dataset = IndexedImages(paths, open_image, EvalTransform(model.config.image_size))
-    features, indices = image_features(model, dataset, args.device, projected, args.batch_size,
-                                       args.workers, desc)
+    features, indices = image_features(model, dataset, device, projected=projected,
+                                       batch_size=batch_size, workers=workers, desc=desc)
     skipped = sorted(set(range(len(paths))) - set(indices.tolist()))
     if skipped:
         names = name_examples([paths[i] for i in skipped])
@@ -211,86 +220,188 @@ def readable_image_features(model, paths, args, projected=True, desc="images"):
     return features, indices, len(skipped)
 
 
-def folder_zero_shot(model, tokenizer, args):
-    folders, samples = read_image_folder(args.data)
-    classnames = read_lines(args.classnames, len(folders)) if args.classnames else folders
-    templates = read_lines(args.templates) if args.templates else DEFAULT_TEMPLATES
+def folder_zero_shot(model, tokenizer, root, device, *, classnames_file=None,
+                     templates_file=None, batch_size=256, workers=0):
+    """Zero-shot top-1 and top-5 on an ImageNet-style folder ROOT/<class>/<image>, the
+    classes named by the folders or by `classnames_file` (one per line, in sorted
+    folder order), prompted with DEFAULT_TEMPLATES or the lines of `templates_file`."""
+    folders, samples = read_image_folder(root)
+    classnames = read_lines(classnames_file, len(folders)) if classnames_file else folders
+    templates = read_lines(templates_file) if templates_file else DEFAULT_TEMPLATES
     bad = [template for template in templates if "{}" not in template]
     if bad:
-        raise DataError(f"{args.templates}: template(s) without {{}} for the class name: "
+        raise DataError(f"{templates_file}: template(s) without {{}} for the class name: "
                         f"{name_examples(bad)}")
-    embeddings, kept, skipped = readable_image_features(model, [path for path, _ in samples], args)
+    paths = [path for path, _ in samples]
+    embeddings, kept, skipped = readable_image_features(model, paths, device,
+                                                        batch_size=batch_size, workers=workers)
     labels = torch.tensor([label for _, label in samples])[kept]
-    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, args.device)
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
     accuracy = zero_shot_accuracy(embeddings, labels, classifier, class_keys=folders)
     return {**accuracy, "images": len(kept), "skipped_images": skipped}
 
 
-def caption_retrieval(model, tokenizer, args):
-    pairs = read_caption_table(args.data, args.csv_img_key, args.csv_caption_key,
-                               args.csv_separator)
+def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
+                      caption_key="title", separator=None, batch_size=256, workers=0):
+    """Recall@K both ways on a caption table, several rows per image allowed."""
+    pairs = read_caption_table(path, image_key, caption_key, separator)
     image_paths, captions, caption_image = group_captions_by_image(pairs)
-    image_embeddings, kept, skipped = readable_image_features(model, image_paths, args)
+    image_embeddings, kept, skipped = readable_image_features(
+        model, image_paths, device, batch_size=batch_size, workers=workers)
     # Captions of a skipped image leave with it; the kept images are renumbered 0..n-1.
     new_index = torch.full((len(image_paths),), -1, dtype=torch.long)
     new_index[kept] = torch.arange(len(kept))
     caption_image = new_index[torch.tensor(caption_image)]
     captions = [caption for caption, image in zip(captions, caption_image.tolist()) if image >= 0]
-    caption_embeddings = text_embeddings(model, tokenizer, captions, args.device, args.batch_size)
+    caption_embeddings = text_embeddings(model, tokenizer, captions, device, batch_size)
     readable = caption_image >= 0
     recall = retrieval_recall(image_embeddings, caption_embeddings, caption_image[readable])
     return {**recall, "images": len(kept), "captions": len(captions), "skipped_images": skipped}
 
 
-def feature_cache_path(args, root):
-    """Where --feature-cache keeps one folder's features: one .npy pair per (checkpoint
+def feature_cache_path(cache_dir, checkpoint_path, root):
+    """Where a feature cache keeps one folder's features: one .npy pair per (checkpoint
     file and its modification time, folder)."""
-    checkpoint = os.path.abspath(args.checkpoint)
+    checkpoint = os.path.abspath(checkpoint_path)
     identity = f"{checkpoint}:{os.path.getmtime(checkpoint)}:{os.path.abspath(root)}"
-    return os.path.join(args.feature_cache, hashlib.sha1(identity.encode()).hexdigest()[:16])
+    return os.path.join(cache_dir, hashlib.sha1(identity.encode()).hexdigest()[:16])
 
 
-def cached_tower_features(model, root, args):
-    """f_v and labels of the readable images of an image folder, through --feature-cache
-    when given."""
+def cached_tower_features(model, root, device, *, cache=None, batch_size=256, workers=0):
+    """f_v and labels of the readable images of an image folder, through the .npy pair
+    at `cache` (a path prefix) when given."""
     folders, samples = read_image_folder(root)
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples])
-    cache = feature_cache_path(args, root) if args.feature_cache else None
     if cache and os.path.isfile(f"{cache}_indices.npy"):
         features = torch.from_numpy(np.load(f"{cache}_features.npy"))
         kept = torch.from_numpy(np.load(f"{cache}_indices.npy"))
     else:
-        features, kept, _ = readable_image_features(model, paths, args, projected=False, desc=root)
+        features, kept, _ = readable_image_features(model, paths, device, projected=False,
+                                                    batch_size=batch_size, workers=workers,
+                                                    desc=root)
         if cache:
             try:
-                os.makedirs(args.feature_cache, exist_ok=True)
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
                 np.save(f"{cache}_features.npy", features.numpy())
                 np.save(f"{cache}_indices.npy", kept.numpy())  # last: it marks a whole pair
             except OSError as error:
-                raise DataError(f"--feature-cache {args.feature_cache}: "
+                raise DataError(f"--feature-cache {os.path.dirname(cache)}: "
                                 f"{error.strerror or error}") from None
     return folders, features, labels[kept], len(paths) - len(kept)
 
 
-def folder_linear_probe(model, tokenizer, args):
-    train_classes, train_features, train_labels, train_skipped = cached_tower_features(
-        model, args.train_data, args)
-    test_classes, test_features, test_labels, test_skipped = cached_tower_features(
-        model, args.test_data, args)
+def folder_linear_probe(model, train_root, test_root, device, *, l2_grid=L2_GRID,
+                        feature_cache=None, checkpoint_path=None, batch_size=256, workers=0):
+    """The linear probe on f_v of two image folders with the same class folders.
+    With `feature_cache` (a folder) the features of `checkpoint_path`'s model are kept
+    there and reused while checkpoint file and folder path are the same."""
+    splits = {}
+    for split, root in (("train", train_root), ("test", test_root)):
+        cache = feature_cache and feature_cache_path(feature_cache, checkpoint_path, root)
+        splits[split] = cached_tower_features(model, root, device, cache=cache,
+                                              batch_size=batch_size, workers=workers)
+    (train_classes, train_features, train_labels, train_skipped) = splits["train"]
+    (test_classes, test_features, test_labels, test_skipped) = splits["test"]
     if train_classes != test_classes:
-        raise DataError(f"{args.train_data} and {args.test_data} have different class folders")
-    probe = linear_probe(train_features, train_labels, test_features, test_labels, args.l2_grid,
-                         device=args.device)
+        raise DataError(f"{train_root} and {test_root} have different class folders")
+    probe = linear_probe(train_features, train_labels, test_features, test_labels,
+                         l2_grid=l2_grid, device=device)
     return {**probe, "train_images": len(train_labels), "test_images": len(test_labels),
             "skipped_images": train_skipped + test_skipped}
+
+
+# ---------------------------------------------------------------------------- the built-in data
+
+SHAPE_TEMPLATES = ("a photo of a {}.", "there is a {} in the picture.",
+                   "a {} on a cluttered background.")
+# Color is named with a shape in the captions, so a color's prompts enumerate the shapes,
+# as CLIP's ImageNet templates enumerate photo styles. Class names carry their article.
+COLOR_TEMPLATES = tuple(f"a photo of {{}} {shape}." for shape in SHAPES)
+# The numbers a reader looks for first, as train.py prints them and the study tabulates
+# them: label -> key of synthetic_evaluation's metrics.
+HEADLINE_METRICS = {
+    "zero-shot shape": "zeroshot/shape/top1",
+    "zero-shot color": "zeroshot/color/top1",
+    "held-out pairs, shape": "zeroshot/heldout_shape/top1",
+    "image→text R@1": "retrieval/synthetic/image_to_text/R@1",
+    "text→image R@1": "retrieval/synthetic/text_to_image/R@1",
+    "probe shape": "linear_probe/synthetic_shape/top1",
+    "probe color": "linear_probe/synthetic_color/top1",
+}
+
+
+def encode_scenes(model, scenes, device, projected=True, batch_size=256):
+    images = IndexedImages(range(len(scenes)), scenes.image, scenes.transform)
+    return image_features(model, images, device, projected=projected, batch_size=batch_size)[0]
+
+
+def synthetic_zero_shot(model, tokenizer, device, *, num_samples=1000, seed=0,
+                        num_heldout_pairs=4, batch_size=256):
+    """Zero-shot shape (with each shape's top-1) and color on single-object val images,
+    and shape on the held-out (color, shape) pairs (compositional generalization)."""
+    size = model.config.image_size
+    single = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
+                           two_object_fraction=0.0)
+    shape_classifier = zero_shot_classifier(model, tokenizer, list(SHAPES), SHAPE_TEMPLATES,
+                                            device)
+    color_names = [with_article(color) for color in COLORS]
+    color_classifier = zero_shot_classifier(model, tokenizer, color_names, COLOR_TEMPLATES, device)
+    embeddings = encode_scenes(model, single, device, batch_size=batch_size)
+    shape_labels = object_labels(single, "shape", SHAPES)
+    color_labels = object_labels(single, "color", COLORS)
+    tasks = {"zeroshot/shape": zero_shot_accuracy(embeddings, shape_labels, shape_classifier,
+                                                  class_keys=list(SHAPES)),
+             "zeroshot/color": zero_shot_accuracy(embeddings, color_labels, color_classifier)}
+    if num_heldout_pairs:
+        heldout = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
+                                two_object_fraction=0.0, only_heldout=True)
+        heldout_embeddings = encode_scenes(model, heldout, device, batch_size=batch_size)
+        heldout_labels = object_labels(heldout, "shape", SHAPES)
+        tasks["zeroshot/heldout_shape"] = zero_shot_accuracy(heldout_embeddings, heldout_labels,
+                                                             shape_classifier)
+    return flat_metrics(tasks)
+
+
+def flat_metrics(tasks):
+    return {f"{task}/{key}": value
+            for task, result in tasks.items() for key, value in result.items()}
+
+
+def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
+                         num_heldout_pairs=4, batch_size=256):
+    """All three tasks on the built-in data: zero-shot (synthetic_zero_shot), retrieval
+    with the val captions, and shape and color linear probes on f_v, fit on train-split
+    and scored on val-split single-object images. `seed` and `num_heldout_pairs` are
+    those of the training run (train.py's --seed, --synthetic-heldout-pairs)."""
+    size = model.config.image_size
+    metrics = synthetic_zero_shot(model, tokenizer, device, num_samples=num_samples, seed=seed,
+                                  num_heldout_pairs=num_heldout_pairs, batch_size=batch_size)
+    captioned = scored_scenes("val", num_samples, seed, size, num_heldout_pairs)  # 1 or 2 objects
+    captions = [captioned.caption(i) for i in range(len(captioned))]
+    caption_embeddings = text_embeddings(model, tokenizer, captions, device)
+    image_embeddings = encode_scenes(model, captioned, device, batch_size=batch_size)
+    tasks = {"retrieval/synthetic": retrieval_recall(image_embeddings, caption_embeddings,
+                                                     range(len(captions)))}
+    single = {split: scored_scenes(split, num_samples, seed, size, num_heldout_pairs,
+                                   two_object_fraction=0.0) for split in ("train", "val")}
+    features = {split: encode_scenes(model, scenes, device, projected=False, batch_size=batch_size)
+                for split, scenes in single.items()}
+    for attribute, names in (("shape", SHAPES), ("color", COLORS)):
+        labels = {split: object_labels(scenes, attribute, names)
+                  for split, scenes in single.items()}
+        tasks[f"linear_probe/synthetic_{attribute}"] = linear_probe(
+            features["train"], labels["train"], features["val"], labels["val"], device=device)
+    metrics.update(flat_metrics(tasks))
+    return metrics
 
 
 # ------------------------------------------------------------------------------------ command line
 
 def print_table(metrics, file=sys.stdout):
-    """One line per metric; per-class accuracies only go to the JSON."""
-    shown = {k: v for k, v in metrics.items() if "/class_top1/" not in k}
+    """One line per metric; per-class accuracies and the probe's L2 sweep only go to
+    the JSON."""
+    shown = {k: v for k, v in metrics.items() if "/class_top1/" not in k and "/sweep/" not in k}
     width = max(len(k) for k in shown)
     for key, value in shown.items():  # an L2 strength in its own scale, accuracies to 4 places
         is_accuracy = isinstance(value, float) and not key.endswith("/l2")
@@ -298,42 +409,7 @@ def print_table(metrics, file=sys.stdout):
         print(f"{key:<{width}}  {text}", file=file)
     if len(shown) < len(metrics):
         hidden = len(metrics) - len(shown)
-        print(f"(and {hidden} per-class top-1 accuracies in the JSON)", file=file)
-
-
-def non_finite_tensors(state_dict):
-    """Names of the floating-point tensors of a state_dict that hold a NaN or an infinity."""
-    return [name for name, tensor in state_dict.items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-
-
-def read_checkpoint(path):
-    """A train.py checkpoint, or a DataError that says what is wrong with the file."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated, empty, text, another format: all say the same
-        text = str(error).strip()
-        reason = text.splitlines()[0][:120] if text else type(error).__name__
-        raise DataError(f"{path} is not a readable checkpoint ({reason})") from None
-    missing = {"model", "optimizer", "step", "args", "model_config", "objective"} - set(
-        checkpoint if isinstance(checkpoint, dict) else ())
-    if missing:
-        raise DataError(f"{path} is not a checkpoint written by train.py (no "
-                        f"{', '.join(sorted(missing))})")
-    broken = non_finite_tensors(checkpoint["model"])
-    if broken:  # train.py never writes one; an older or edited file might hold one
-        raise DataError(f"{path} has weights that are not finite ({broken[0]} and "
-                        f"{len(broken) - 1} more): the run diverged")
-    return checkpoint
-
-
-def load_model(path, device):
-    """The model of a train.py checkpoint, on `device`, and the checkpoint itself."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}")
-    checkpoint = read_checkpoint(path)
-    model = TwoTowerModel.from_checkpoint(checkpoint).to(device)
-    return model, checkpoint
+        print(f"(and {hidden} per-class and L2-sweep accuracies in the JSON)", file=file)
 
 
 def dataset_name(path):
@@ -345,8 +421,7 @@ def dataset_name(path):
     return name
 
 
-def checkpoint_flags():
-    """The flags every evaluation command shares, as an argparse parent."""
+def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="checkpoint written by train.py")
     common.add_argument("--device", type=device_name, default=default_device(),
@@ -358,12 +433,7 @@ def checkpoint_flags():
     common.add_argument("--output", default=None,
                         help="JSON of flat metrics (default: eval_<task>[_<name>].json beside "
                              "the checkpoint)")
-    return common
-
-
-def build_parser():
-    common = checkpoint_flags()
-    parser = OneLineErrorParser(description="Evaluate a checkpoint of train.py on your data.")
+    parser = OneLineErrorParser(description="Evaluate a checkpoint of train.py.")
     tasks = parser.add_subparsers(dest="task", required=True)
     zeroshot = tasks.add_parser("zeroshot", parents=[common],
                                 help="zero-shot classification of an image folder")
@@ -399,44 +469,59 @@ def build_parser():
     for task in (zeroshot, retrieval, probe):
         task.add_argument("--name", default=None,
                           help="dataset name in the metric keys (default: from the path)")
+    synthetic = tasks.add_parser("synthetic", parents=[common],
+                                 help="zero-shot, retrieval and linear probes on the built-in "
+                                      "val data, as train.py runs them at its end")
+    synthetic.add_argument("--val-samples", type=positive_int, default=1000,
+                           help="synthetic images per task")
     return parser
 
 
-TASKS = {"zeroshot": folder_zero_shot, "retrieval": caption_retrieval,
-         "linear-probe": folder_linear_probe}
-
-
-def write_metrics(metrics, output):
-    print_table(metrics)
-    with open(output, "w") as f:
-        json.dump(metrics, f, indent=1)
-    print(f"wrote {output}")
-
-
-def check_output(path):
-    """Fail before any work if the metrics could not be written there."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise DataError(f"--output {path}: no folder {folder}")
+def run_task(args, model, checkpoint):
+    """The metrics of the task the command line names, and its default output file."""
+    tokenizer = Tokenizer(model.config.context_length)
+    loading = dict(batch_size=args.batch_size, workers=args.workers)
+    if args.task == "synthetic":
+        trained = checkpoint["args"]
+        metrics = synthetic_evaluation(model, tokenizer, args.device, num_samples=args.val_samples,
+                                       seed=trained["seed"],
+                                       num_heldout_pairs=trained["synthetic_heldout_pairs"],
+                                       batch_size=args.batch_size)
+        return metrics, "eval_synthetic.json"
+    name = args.name or dataset_name(args.test_data if args.task == "linear-probe" else args.data)
+    if args.task == "zeroshot":
+        results = folder_zero_shot(model, tokenizer, args.data, args.device,
+                                   classnames_file=args.classnames,
+                                   templates_file=args.templates, **loading)
+    elif args.task == "retrieval":
+        results = caption_retrieval(model, tokenizer, args.data, args.device,
+                                    image_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                    separator=args.csv_separator, **loading)
+    else:
+        results = folder_linear_probe(model, args.train_data, args.test_data, args.device,
+                                      l2_grid=args.l2_grid, feature_cache=args.feature_cache,
+                                      checkpoint_path=args.checkpoint, **loading)
+    prefix = f"{args.task.replace('-', '_')}/{name}"
+    metrics = {f"{prefix}/{key}": value for key, value in results.items()}
+    return metrics, f"eval_{args.task}_{name}.json"
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.output:
-            check_output(args.output)
-        model, _ = load_model(args.checkpoint, args.device)
-        tokenizer = Tokenizer(model.config.context_length)
-        data = args.test_data if args.task == "linear-probe" else args.data
-        name = args.name or dataset_name(data)
-        prefix = f"{args.task.replace('-', '_')}/{name}"
-        results = TASKS[args.task](model, tokenizer, args)
+        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise DataError(f"--output {args.output}: no folder "
+                            f"{os.path.dirname(os.path.abspath(args.output))}")
+        model, checkpoint = load_model(args.checkpoint, args.device)
+        metrics, default_name = run_task(args, model, checkpoint)
     except DataError as error:
         parser.error(str(error))
-    metrics = {f"{prefix}/{key}": value for key, value in results.items()}
-    default_output = os.path.join(os.path.dirname(args.checkpoint), f"eval_{args.task}_{name}.json")
-    write_metrics(metrics, args.output or default_output)
+    output = args.output or os.path.join(os.path.dirname(args.checkpoint), default_name)
+    print_table(metrics)
+    with open(output, "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class ConvStem(nn.Module):
     Without one, PyTorch's default initialization shrinks the signal at every convolution:
     the patch features start about three times smaller than the position embedding they
     are added to, every image looks alike to the blocks, and the tower is slow to learn
-    shape (README, "The default run"). This uses GroupNorm with one group, which
+    shape (experiments/README.md). This uses GroupNorm with one group, which
     standardizes each image's feature map over its channels and positions: unlike
     BatchNorm it does not mix the samples of a batch, so N processes and gradient
     accumulation still compute exactly one batch's gradient."""
@@ -233,7 +233,7 @@ class PrototypeHead(nn.Module):
     subtracted (mean-only batch normalization, Salimans & Kingma 2016; DINO's centering,
     here on predictions and targets alike and with the current batch's mean). Without it,
     the component every sample shares dominates the logits at initialization, every
-    sharpened target picks the same prototypes, and nCLIP collapses (README, "nCLIP").
+    sharpened target picks the same prototypes, and nCLIP collapses (experiments/README.md).
     Evaluation subtracts a running mean instead, as BatchNorm does."""
 
     def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, layers,
@@ -340,30 +340,34 @@ class TwoTowerModel(nn.Module):
                     nn.init.trunc_normal_(module.weight, std=0.02)
                     nn.init.zeros_(module.bias)
 
-    def encode_image(self, images):
-        """Image tower feature f_v, before any projection: what the linear probe uses."""
+    def image_tower_features(self, images):
+        """f_v: the image tower's class-token feature, before any projection; what the
+        linear probe uses. -> (B, vision_width)"""
         return self.visual(images)
 
-    def encode_text(self, tokens):
-        """Text tower feature f_t at the end-of-text token."""
+    def text_tower_features(self, tokens):
+        """f_t: the text tower's feature at the end-of-text token. -> (B, text_width)"""
         return self.text(tokens)
 
-    def embed_image(self, images):
-        """Unit-norm image embedding for zero-shot and retrieval: CLIP's
-        u = normalize(W_v f_v), or for nCLIP alone sqrt(p_v) (see prototype_embedding)."""
-        features = self.encode_image(images)
-        if self.has_clip:
-            return F.normalize(self.image_projection(features), dim=-1)
-        _, cosines = self.image_head(features)
-        return self.prototype_embedding(self.image_head.center(cosines))
+    def encode_image(self, images, normalize=False):
+        """The image embedding, as in CLIP and open_clip: W_v f_v (u once normalized). An
+        nCLIP model has no projection: its embedding is sqrt(p_v), already of unit norm
+        (see prototype_embedding). -> (B, embed_dim), or (B, K) for nCLIP"""
+        features = self.image_tower_features(images)
+        if not self.has_clip:
+            _, cosines = self.image_head(features)
+            return self.prototype_embedding(self.image_head.center(cosines))
+        embeddings = self.image_projection(features)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
-    def embed_text(self, tokens):
-        """Unit-norm text embedding: w = normalize(W_t f_t), or sqrt(p_t) for nCLIP."""
-        features = self.encode_text(tokens)
-        if self.has_clip:
-            return F.normalize(self.text_projection(features), dim=-1)
-        _, cosines = self.text_head(features)
-        return self.prototype_embedding(self.text_head.center(cosines))
+    def encode_text(self, tokens, normalize=False):
+        """The text embedding: W_t f_t (w once normalized), or sqrt(p_t) for nCLIP."""
+        features = self.text_tower_features(tokens)
+        if not self.has_clip:
+            _, cosines = self.text_head(features)
+            return self.prototype_embedding(self.text_head.center(cosines))
+        embeddings = self.text_projection(features)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def prototype_embedding(self, prototype_logits):
         """nCLIP has no joint space but the prototypes: embed a sample as the square
@@ -371,11 +375,12 @@ class TwoTowerModel(nn.Module):
         product with another is the Bhattacharyya coefficient sum_k sqrt(p_k q_k)."""
         return F.softmax(prototype_logits.float() / self.student_temp, dim=-1).sqrt()
 
-    def forward(self, images, tokens, center_prototype_logits=True):
-        """A TwoTowerOutput. With center_prototype_logits=False the prototype logits are
-        the heads' raw cosines, for a caller that centers a larger batch assembled from
-        several calls (gradient accumulation, train.py)."""
-        image_features, text_features = self.encode_image(images), self.encode_text(tokens)
+    def forward(self, images, tokens, raw_cosines=False):
+        """A TwoTowerOutput. With raw_cosines=True the prototype logits are the heads'
+        raw cosines, for a caller that centers a larger batch assembled from several
+        calls (gradient accumulation, train.py) with center_cosines."""
+        image_features = self.image_tower_features(images)
+        text_features = self.text_tower_features(tokens)
         out = TwoTowerOutput()
         if self.has_clip:
             out.image_embeddings = F.normalize(self.image_projection(image_features), dim=-1)
@@ -384,11 +389,11 @@ class TwoTowerModel(nn.Module):
         if self.has_prototypes:
             out.image_bottleneck, out.image_prototype_logits = self.image_head(image_features)
             out.text_bottleneck, out.text_prototype_logits = self.text_head(text_features)
-            if center_prototype_logits:
-                out = self.center_prototype_logits(out)
+            if not raw_cosines:
+                out = self.center_cosines(out)
         return out
 
-    def center_prototype_logits(self, out, update_running_center=True):
+    def center_cosines(self, out, update_running_center=True):
         """`out` with each head's cosines centered over its batch (PrototypeHead.center)."""
         if not self.has_prototypes:
             return out
@@ -406,14 +411,6 @@ class TwoTowerModel(nn.Module):
                 norms[f"nclip/{modality}_head_weight_norm"] = weight_norm
                 norms[f"nclip/{modality}_head_bias_norm"] = bias_norm
         return norms
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The model train.py saved, weights loaded, on the CPU."""
-        model = cls(ModelConfig(**checkpoint["model_config"]), checkpoint["objective"],
-                    checkpoint["args"].get("student_temp", 0.05))
-        model.load_state_dict(checkpoint["model"])
-        return model
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale=100.0):

@@ -1,11 +1,10 @@
 """The built-in data: a procedurally drawn world of one or two coloured shapes on
 cluttered backgrounds, captioned with varied templates and synonyms, with configurable
-web-style noise (loose and unrelated captions), and how a model is scored on it (zero-shot
-shape and color, retrieval, linear probes). Sample i of a split is a pure function of
-(seed, split, i), so every process and worker draws the same data.
+web-style noise (loose and unrelated captions). Sample i of a split is a pure function of
+(seed, split, i), so every process and worker draws the same data. How a model is scored
+on it is eval.py's (`synthetic_evaluation`, `python eval.py synthetic --checkpoint CKPT`).
 
     python synthetic.py export demo               # as image folders and a caption CSV
-    python synthetic.py eval --checkpoint CKPT    # the scores train.py prints at its end
 """
 import csv
 import math
@@ -17,11 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from data import (DataError, EvalTransform, IndexedImages, OneLineErrorParser, Tokenizer, no_skips,
-                  positive_int, stream_seed)
-from eval import (check_output, checkpoint_flags, image_features, linear_probe, load_model,
-                  retrieval_recall, text_embeddings, write_metrics, zero_shot_accuracy,
-                  zero_shot_classifier)
+from data import EvalTransform, no_skips, stream_seed
+from faults import OneLineErrorParser, positive_int
 
 SHAPES = {
     "circle": ("circle", "disc", "round dot"),
@@ -245,14 +241,7 @@ class SyntheticCaptions(Dataset):
         return image, tokens, no_skips()
 
 
-# -------------------------------------------------------------------------------- how it is scored
-
-SHAPE_TEMPLATES = ("a photo of a {}.", "there is a {} in the picture.",
-                   "a {} on a cluttered background.")
-# Color is named with a shape in the captions, so a color's prompts enumerate the shapes,
-# as CLIP's ImageNet templates enumerate photo styles. Class names carry their article.
-COLOR_TEMPLATES = tuple(f"a photo of {{}} {shape}." for shape in SHAPES)
-
+# ------------------------------------------------------------------ exact captions, labels
 
 def scored_scenes(split, num_samples, seed, image_size, num_heldout_pairs, **options):
     """Scenes with exact captions: retrieval then measures the model, not caption noise."""
@@ -266,70 +255,6 @@ def object_labels(scenes, attribute, names):
     names = list(names)
     first_objects = (scenes.scene(i)[0][0] for i in range(len(scenes)))
     return torch.tensor([names.index(getattr(obj, attribute)) for obj in first_objects])
-
-
-def encode_scenes(model, scenes, device, projected=True, batch_size=256):
-    images = IndexedImages(range(len(scenes)), scenes.image, scenes.transform)
-    return image_features(model, images, device, projected, batch_size)[0]
-
-
-def zero_shot_evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout_pairs=4,
-                         device="cpu", batch_size=256):
-    """Zero-shot shape (with each shape's top-1) and color on single-object val images,
-    and shape on the held-out (color, shape) pairs (compositional generalization)."""
-    size = model.config.image_size
-    single = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
-                           two_object_fraction=0.0)
-    shape_classifier = zero_shot_classifier(model, tokenizer, list(SHAPES), SHAPE_TEMPLATES,
-                                            device)
-    color_names = [with_article(color) for color in COLORS]
-    color_classifier = zero_shot_classifier(model, tokenizer, color_names, COLOR_TEMPLATES, device)
-    embeddings = encode_scenes(model, single, device, batch_size=batch_size)
-    shape_labels = object_labels(single, "shape", SHAPES)
-    color_labels = object_labels(single, "color", COLORS)
-    tasks = {"zeroshot/shape": zero_shot_accuracy(embeddings, shape_labels, shape_classifier,
-                                                  class_keys=list(SHAPES)),
-             "zeroshot/color": zero_shot_accuracy(embeddings, color_labels, color_classifier)}
-    if num_heldout_pairs:
-        heldout = scored_scenes("val", num_samples, seed, size, num_heldout_pairs,
-                                two_object_fraction=0.0, only_heldout=True)
-        heldout_embeddings = encode_scenes(model, heldout, device, batch_size=batch_size)
-        heldout_labels = object_labels(heldout, "shape", SHAPES)
-        tasks["zeroshot/heldout_shape"] = zero_shot_accuracy(heldout_embeddings, heldout_labels,
-                                                             shape_classifier)
-    return flat_metrics(tasks)
-
-
-def flat_metrics(tasks):
-    return {f"{task}/{key}": value
-            for task, result in tasks.items() for key, value in result.items()}
-
-
-def evaluation(model, tokenizer, num_samples=1000, seed=0, num_heldout_pairs=4, device="cpu",
-               batch_size=256):
-    """All three tasks on the built-in data: zero-shot (zero_shot_evaluation), retrieval
-    with the val captions, and shape and color linear probes on f_v, fit on train-split
-    and scored on val-split single-object images."""
-    size = model.config.image_size
-    metrics = zero_shot_evaluation(model, tokenizer, num_samples, seed, num_heldout_pairs, device,
-                                   batch_size)
-    captioned = scored_scenes("val", num_samples, seed, size, num_heldout_pairs)  # 1 or 2 objects
-    captions = [captioned.caption(i) for i in range(len(captioned))]
-    caption_embeddings = text_embeddings(model, tokenizer, captions, device)
-    image_embeddings = encode_scenes(model, captioned, device, batch_size=batch_size)
-    tasks = {"retrieval/synthetic": retrieval_recall(image_embeddings, caption_embeddings,
-                                                     range(len(captions)))}
-    single = {split: scored_scenes(split, num_samples, seed, size, num_heldout_pairs,
-                                   two_object_fraction=0.0) for split in ("train", "val")}
-    features = {split: encode_scenes(model, scenes, device, projected=False, batch_size=batch_size)
-                for split, scenes in single.items()}
-    for attribute, names in (("shape", SHAPES), ("color", COLORS)):
-        labels = {split: object_labels(scenes, attribute, names)
-                  for split, scenes in single.items()}
-        tasks[f"linear_probe/synthetic_{attribute}"] = linear_probe(
-            features["train"], labels["train"], features["val"], labels["val"], device=device)
-    metrics.update(flat_metrics(tasks))
-    return metrics
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -363,43 +288,18 @@ def export(out_dir, num_images=500, seed=0, image_size=48, num_heldout_pairs=4):
                 rows.writerow([image_path(scenes, index), caption])
 
 
-def build_parser():
-    parser = OneLineErrorParser(description="The built-in data: write it to disk, or score a "
-                                            "checkpoint on it.")
+def main(argv=None):
+    parser = OneLineErrorParser(description="Write the built-in data to disk.")
     commands = parser.add_subparsers(dest="command", required=True)
     writer = commands.add_parser("export", help=export.__doc__.split(":")[0])
     writer.add_argument("out_dir", help="folder to write")
     writer.add_argument("--num-images", type=positive_int, default=500, help="images per split")
     writer.add_argument("--seed", type=int, default=0, help="the seed train.py used (--seed)")
     writer.add_argument("--image-size", type=positive_int, default=48, help="image side in pixels")
-    scorer = commands.add_parser("eval", parents=[checkpoint_flags()],
-                                 help="zero-shot, retrieval and linear probes on the val data, "
-                                      "as train.py runs them at its end")
-    scorer.add_argument("--val-samples", type=positive_int, default=1000,
-                        help="synthetic images per task")
-    return parser
-
-
-def main(argv=None):
-    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "export":
-        export(args.out_dir, args.num_images, args.seed, args.image_size)
-        print(f"wrote {args.out_dir}/train, {args.out_dir}/val (class folders by shape) and "
-              f"{args.out_dir}/captions.csv")
-        return
-    try:
-        if args.output:
-            check_output(args.output)
-        model, checkpoint = load_model(args.checkpoint, args.device)
-    except DataError as error:
-        parser.error(str(error))
-    train_args = checkpoint["args"]
-    metrics = evaluation(model, Tokenizer(model.config.context_length), args.val_samples,
-                         train_args["seed"], train_args["synthetic_heldout_pairs"], args.device,
-                         args.batch_size)
-    default_output = os.path.join(os.path.dirname(args.checkpoint), "eval_synthetic.json")
-    write_metrics(metrics, args.output or default_output)
+    export(args.out_dir, args.num_images, args.seed, args.image_size)
+    print(f"wrote {args.out_dir}/train, {args.out_dir}/val (class folders by shape) and "
+          f"{args.out_dir}/captions.csv")
 
 
 if __name__ == "__main__":

@@ -3,41 +3,41 @@
     python train.py                                   # xCLIP, tiny model, built-in data, CPU
     torchrun --nproc_per_node=8 train.py --model vit_b16 --loss xclip ...
 
-One plain loop: schedule, batch, step (forward under autocast, loss, backward, clip, AdamW),
-log, checkpoint. DDP comes from the torchrun environment; evaluation runs on rank 0.
+Settings at the top (the flags), then the setup (DDP from the torchrun environment, data,
+model), the step (forward under autocast, loss, backward, clip, AdamW), and one plain loop
+that reads top to bottom: schedule, batch, step, log, evaluate, save, stop. Evaluation
+runs on rank 0; checkpoints are checkpoint.py's, one-line errors and signals faults.py's.
 """
 import argparse
-import atexit
 import gc
 import json
 import math
 import os
-import random
-import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (RANKS, SKIP_REASONS, CaptionTableDataset, DataError, OneLineErrorParser,
-                  ResumableSampler, TarShardStream, Tokenizer, TrainTransform, below_one,
-                  device_name, expand_shards, fraction, make_loader, name_examples,
-                  non_negative_float, non_negative_int, positive_float, positive_int, stream_seed)
-from eval import (dataset_name, folder_zero_shot, non_finite_tensors, print_table,
-                  read_checkpoint)
+from checkpoint import check_resumable, read_checkpoint, restore_checkpoint, save_checkpoint
+from data import (RANKS, SKIP_REASONS, CaptionTableDataset, ResumableSampler, TarShardStream,
+                  Tokenizer, TrainTransform, expand_shards, make_loader, name_examples,
+                  stream_seed)
+from eval import (HEADLINE_METRICS, dataset_name, folder_zero_shot, synthetic_evaluation,
+                  synthetic_zero_shot)
+from faults import (DataError, NonFiniteLoss, OneLineErrorParser, StopRequest, StopRequested,
+                    below_one, device_name, fail, fraction, non_negative_float,
+                    non_negative_int, positive_float, positive_int, take_out_dir,
+                    user_message)
 from losses import REGULARIZERS, Objective
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
                    autocast_context, default_device, model_config)
 from plots import Panel, line_panels
-from synthetic import (COLORS, INDICES, SHAPES, SyntheticCaptions, evaluation,
-                       zero_shot_evaluation)
+from synthetic import COLORS, SHAPES, INDICES, SyntheticCaptions
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -76,7 +76,7 @@ def build_parser():
     p.add_argument("--warmup", type=non_negative_int, default=125,
                    help="linear warm-up steps before the cosine decay (a quarter of the default "
                         "run: at full --lr from the start, xCLIP's towers settle on color and "
-                        "never learn shape; see README)")
+                        "never learn shape; see experiments/README.md)")
     p.add_argument("--beta1", type=below_one, default=0.9, help="AdamW beta1, in [0, 1)")
     p.add_argument("--beta2", type=below_one, default=0.98, help="AdamW beta2, in [0, 1)")
     p.add_argument("--eps", type=positive_float, default=1e-6, help="AdamW epsilon")
@@ -88,7 +88,7 @@ def build_parser():
     objective.add_argument("--me-max-weight", type=non_negative_float, default=3.0,
                            help="lambda_me in L_nCLIP = L_pred + lambda_me L_me + lambda_ent "
                                 "L_ent (the paper form: 1; 3 balances --entropy-weight, "
-                                "see README)")
+                                "see experiments/README.md)")
     objective.add_argument("--entropy-weight", type=non_negative_float, default=1.0,
                            help="lambda_ent: weight of the mean per-sample entropy mean_i H(p_i), "
                                 "minimized (MSN, TWIST; not in the paper: 0 turns it off)")
@@ -180,26 +180,52 @@ def build_parser():
     return p
 
 
-
-
 def model_config_from_args(args):
     """The --model preset with every model-field flag that was given."""
     overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
     return model_config(args.model, **overrides)
 
 
-def fail(message):
-    print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def check_flags(args):
+    """What argparse types cannot see alone: files, flags that go together, head counts,
+    held-out pairs. -> the first problem, as a one-line message, or None."""
+    if args.val_every and args.train_data != "synthetic" and not args.zeroshot_data:
+        return ("--val-every evaluates on the built-in val data, which goes with --train-data "
+                "synthetic; pass --zeroshot-data FOLDER to evaluate on your own images")
+    if args.val_probe and (args.zeroshot_data or not args.val_every):
+        return ("--val-probe adds the built-in data's probes to --val-every; it needs "
+                "--val-every and no --zeroshot-data")
+    if args.classnames and not args.zeroshot_data:
+        return "--classnames names the classes of --zeroshot-data; pass that folder too"
+    if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
+        return f"--zeroshot-data {args.zeroshot_data}: no such folder"
+    if args.classnames and not os.path.isfile(args.classnames):
+        return f"--classnames {args.classnames}: no such file"
+    if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
+        return f"--resume {args.resume}: no such checkpoint"
+    pairs = len(COLORS) * len(SHAPES)
+    if args.synthetic_heldout_pairs >= pairs:
+        return (f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "
+                f"(color, shape) pairs and training needs at least one; pass at most {pairs - 1}")
+    return model_config_problem(model_config_from_args(args))
 
 
-def check_writable(directory):
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        fail(f"--out-dir {directory} is not writable: {error.strerror or error}")
+def model_config_problem(config):
+    """What makes this architecture unbuildable, as a one-line message; None if nothing."""
+    for tower in ("vision", "text"):
+        width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
+        if width % heads:
+            return f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}"
+    if config.image_size < config.patch_size:
+        return f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}"
+    if config.conv_stem and (config.patch_size & (config.patch_size - 1)
+                             or config.image_size % config.patch_size):
+        return (f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
+                f"--patch-size {config.patch_size}, --image-size {config.image_size}")
+    if config.conv_stem and config.vision_width < config.patch_size // 2:
+        return (f"--conv-stem halves --vision-width once per stride-2 convolution: it needs at "
+                f"least {config.patch_size // 2} for --patch-size {config.patch_size}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -218,7 +244,7 @@ def setup_distributed(device_arg):
     return rank, world_size, device
 
 
-def build_train_loader(args, image_size, tokenizer, rank, world_size, start_sample):
+def build_train_loader(args, tokenizer, image_size, rank=0, world_size=1, *, start_sample=0):
     """The training loader for train.py's flags (`args`): the built-in synthetic data,
     a CSV/TSV/JSONL caption table, or webdataset tar shards; from global sample
     `start_sample` on, for a resumed run."""
@@ -239,40 +265,19 @@ def build_train_loader(args, image_size, tokenizer, rank, world_size, start_samp
         sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, start_sample,
                                    args.seed)
     else:
-        dataset = tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample)
+        shards = expand_shards(args.train_data)
+        missing = [path for path in shards if not os.path.exists(path)]
+        if missing:
+            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: "
+                            f"{name_examples(missing)}")
+        if not args.train_num_samples:
+            raise DataError("--train-num-samples is needed with tar shards: the samples in one "
+                            "epoch")
+        epoch, position = divmod(start_sample, args.train_num_samples)
+        dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed,
+                                 args.shuffle_buffer, epoch, position / args.train_num_samples)
     return make_loader(dataset, batch_size, sampler, args.workers,
                        pin_memory=torch.cuda.is_available())
-
-
-def tar_shard_stream(args, transform, tokenizer, rank, world_size, start_sample):
-    shards = expand_shards(args.train_data)
-    missing = [path for path in shards if not os.path.exists(path)]
-    if missing:
-        raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: "
-                        f"{name_examples(missing)}")
-    if not args.train_num_samples:
-        raise DataError("--train-num-samples is needed with tar shards: the samples in one epoch")
-    epoch, position = divmod(start_sample, args.train_num_samples)
-    return TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed,
-                          args.shuffle_buffer, epoch, position / args.train_num_samples)
-
-
-def build_model(args, device):
-    """Model, objective (with its state: DINO's centers) and optimizer for train.py's
-    flags; the same initial weights on every rank."""
-    torch.manual_seed(args.seed)
-    config = model_config_from_args(args)
-    model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
-    objective = Objective(
-        args.loss, config.num_prototypes, nclip_weight=args.nclip_weight,
-        local_loss=args.local_loss, student_temp=args.student_temp,
-        teacher_temp=args.teacher_temp, me_max_weight=args.me_max_weight,
-        entropy_weight=args.entropy_weight, regularizer=args.regularizer,
-        center_momentum=args.center_momentum, target_grad=args.target_grad).to(device)
-    if args.grad_checkpointing:
-        model.enable_grad_checkpointing()
-    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
-    return model, objective, optimizer
 
 
 @dataclass
@@ -287,14 +292,47 @@ class Trainee:
     grad_clip: float
 
 
+def build_trainee(args, device, world_size=1):
+    """Model, objective (with its state: DINO's centers) and optimizer for train.py's
+    flags, the same initial weights on every rank, wrapped for DDP and --compile."""
+    torch.manual_seed(args.seed)
+    config = model_config_from_args(args)
+    model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
+    objective = Objective(
+        args.loss, config.num_prototypes, nclip_weight=args.nclip_weight,
+        local_loss=args.local_loss, student_temp=args.student_temp,
+        teacher_temp=args.teacher_temp, me_max_weight=args.me_max_weight,
+        entropy_weight=args.entropy_weight, regularizer=args.regularizer,
+        center_momentum=args.center_momentum, target_grad=args.target_grad).to(device)
+    if args.grad_checkpointing:
+        model.enable_grad_checkpointing()
+    optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    return Trainee(model, train_model, objective, optimizer,
+                   autocast_context(device, args.precision), args.grad_clip)
+
+
+def resume(args, trainee):
+    """Load --resume into `trainee` after checking it matches the flags. -> (its step,
+    its bad-sample counts); (0, {}) for a fresh start."""
+    if not args.resume:
+        return 0, {}
+    checkpoint = read_checkpoint(args.resume)
+    check_resumable(checkpoint, args.resume, args.loss, model_config_from_args(args),
+                    args.global_batch)
+    return restore_checkpoint(checkpoint, trainee), checkpoint["skipped"]
+
+
 # -------------------------------------------------------------------------------------- the step
 
-def learning_rate(step, args):
-    """Linear warm-up to --lr, then cosine decay to 0 at --steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def learning_rate(step, peak, warmup, steps):
+    """Linear warm-up to `peak`, then cosine decay to 0 at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def forward_backward(trainee, images, tokens, accum_freq=1):
@@ -312,15 +350,14 @@ def forward_backward(trainee, images, tokens, accum_freq=1):
         return loss, metrics
     micro_batches = list(zip(images.chunk(accum_freq), tokens.chunk(accum_freq)))
     with torch.no_grad(), trainee.autocast:
-        cached = [trainee.train_model(i, t, center_prototype_logits=False)
-                  for i, t in micro_batches]
+        cached = [trainee.train_model(i, t, raw_cosines=True) for i, t in micro_batches]
     for j, (micro_images, micro_tokens) in enumerate(micro_batches):
         last = j == accum_freq - 1
         trainee.objective.train(last)  # state (DINO's center) moves once, after its last use
         with trainee.autocast:
-            fresh = trainee.train_model(micro_images, micro_tokens, center_prototype_logits=False)
+            fresh = trainee.train_model(micro_images, micro_tokens, raw_cosines=True)
             whole = concatenate_outputs(cached[:j] + [fresh] + cached[j + 1:], fresh, accum_freq)
-            whole = trainee.model.center_prototype_logits(whole, update_running_center=last)
+            whole = trainee.model.center_cosines(whole, update_running_center=last)
             loss, metrics = trainee.objective(whole)
         loss.backward()
     return loss, metrics
@@ -365,108 +402,7 @@ def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
             **metrics}
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-
-class NonFiniteLoss(Exception):
-    """The loss, the gradient norm or the weights stopped being finite numbers."""
-
-
-def save_checkpoint(path, trainee, step, args, skip_counts=None):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file,
-    and a full disk leaves the previous checkpoint as it was."""
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    checkpoint = {
-        "model": trainee.model.state_dict(),
-        "objective_state": trainee.objective.state_dict(),
-        "optimizer": trainee.optimizer.state_dict(),
-        "step": step,
-        "args": vars(args),
-        "model_config": asdict(trainee.model.config),
-        "objective": trainee.model.objective,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate(), "cuda": cuda_rng},
-        "skipped": skip_counts or {},
-    }
-    broken = non_finite_tensors(checkpoint["model"])
-    if broken:  # an update with a finite loss and gradient can still overflow the weights
-        raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
-                            f"({broken[0]}, ...); {path} is untouched. Try a lower --lr")
-    temporary = path + ".tmp"
-    try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise DataError(f"could not write {path} ({reason}); the previous checkpoint, if any, "
-                        "is untouched") from None
-
-
-def check_checkpoint_matches(checkpoint, path, args, world_size):
-    """The flags that decide the architecture, the objective and the data order must be
-    the checkpoint's: name the first that differs and what to pass."""
-    saved = checkpoint["args"]
-    if checkpoint["objective"] != args.loss:
-        raise DataError(f"{path} was trained with --loss {checkpoint['objective']}; pass "
-                        f"--loss {checkpoint['objective']}")
-    config = asdict(model_config_from_args(args))
-    # A field that an older checkpoint lacks had ModelConfig's default then.
-    for name, value in {**asdict(ModelConfig()), **checkpoint["model_config"]}.items():
-        if config.get(name) != value:
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                flag = flag if value else "--no-" + flag[2:]
-                raise DataError(f"{path} was trained with {flag}; pass --model "
-                                f"{saved.get('model')} and {flag}")
-            raise DataError(f"{path} has {flag} {value}, these flags give {config.get(name)}; "
-                            f"pass --model {saved.get('model')} and {flag} {value}")
-    saved_batch = saved.get("global_batch")
-    global_batch = args.batch_size * args.accum_freq * world_size
-    if saved_batch != global_batch:
-        flags = f"--batch-size {saved.get('batch_size')}"
-        if saved.get("accum_freq", 1) > 1:
-            flags += f" --accum-freq {saved['accum_freq']}"
-        raise DataError(f"{path} was trained with a global batch of {saved_batch}, these flags "
-                        f"give {global_batch}: the data order would differ; pass {flags} (on "
-                        "as many processes)")
-
-
-def restore_checkpoint(checkpoint, trainee):
-    """Load a training state into `trainee`; -> its step."""
-    trainee.model.load_state_dict(checkpoint["model"])
-    trainee.objective.load_state_dict(checkpoint["objective_state"])
-    trainee.optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    random.setstate(checkpoint["rng"]["python"])
-    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    return checkpoint["step"]
-
-
 # -------------------------------------------------------------------------------------- logging
-
-stop_signal = None
-phase = "starting"  # "training" (in a step), "waiting" (for data), or "evaluating"
-
-
-class StopRequested(Exception):
-    """Raised by the signal handler while the loop waits for data: nothing is half done."""
-
-
-def request_stop(signum, frame):
-    """Ctrl-C or SIGTERM. In a step: finish it, save, exit. Waiting for data (which may
-    never come): save now and exit. Evaluating, or a second signal: exit at once."""
-    global stop_signal
-    if stop_signal is not None or phase in ("evaluating", "starting"):
-        # os._exit: a SystemExit raised wherever the signal landed could wait on a lock
-        print(f"\nstopped by signal {signum} while {phase}", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-    stop_signal = signum
-    if phase == "waiting":
-        raise StopRequested
-
 
 class TrainingLog:
     """Sums the step metrics on the device between log lines; a log line averages them
@@ -477,13 +413,14 @@ class TrainingLog:
     BAR_KEYS = ("loss", "lr", "logit_scale", "nclip/image_perplexity", "nclip/information",
                 "nclip/same_prototype")
 
-    def __init__(self, path, global_batch, world_size, device, is_main, bar, start_step=0,
-                 skip_counts=None, on_nonfinite="stop"):
+    def __init__(self, path, global_batch, world_size, device, bar, *, is_main=True,
+                 start_step=0, skip_counts=None, on_nonfinite="stop"):
         self.path, self.global_batch = path, global_batch
         self.on_nonfinite = on_nonfinite
         self.world_size, self.device = world_size, device
         self.is_main, self.bar = is_main, bar
         self.sums, self.steps, self.started = {}, 0, time.time()
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # by this process
         self.skip_offsets = dict(skip_counts or {})  # counted before a resume
         self.last = dict(self.skip_offsets)
         self.zero_shot_top1 = None  # the last evaluation's first top-1, for the bar
@@ -498,17 +435,22 @@ class TrainingLog:
         with open(self.path, "w") as f:
             f.writelines(lines)
 
-    def add(self, step_metrics):
+    def add(self, step_metrics, skipped):
+        """One step's metrics, and the bad samples its batch passed over (by SKIP_REASONS)."""
         self.sums = {k: self.sums.get(k, 0) + v for k, v in step_metrics.items()}
         self.steps += 1
+        self.skipped += skipped.sum(dim=0)
 
-    def write(self, step, lr, skipped, extra):
-        """One log line; -> whether some rank was asked to stop."""
+    def write(self, step, lr, extra, stop_requested=False):
+        """One log line. A non-finite step since the last line stops the run here, after
+        the line is written (unless --on-nonfinite skip). -> whether some rank was asked
+        to stop."""
+        nonfinite_steps = self.sums.get("nonfinite", 0)  # on this rank
         averaged = {k: v / self.steps for k, v in self.sums.items()}
-        stop = torch.tensor(float(stop_signal is not None), device=self.device)
+        stop = torch.tensor(float(stop_requested), device=self.device)
         # skip counts are summed over ranks: a mean times the number of ranks
         skips = {f"skipped/{reason}": count.to(self.device) * self.world_size
-                 for reason, count in zip(SKIP_REASONS, skipped)}
+                 for reason, count in zip(SKIP_REASONS, self.skipped)}
         line = self.reduce({**averaged, **extra, "stop": stop, **skips})
         for key, count in self.skip_offsets.items():
             line[key] = line.get(key, 0) + count
@@ -521,6 +463,11 @@ class TrainingLog:
         if self.is_main:
             self.show(line)
             self.append(line)
+        if line.get("nonfinite", 0) > 0 and self.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"the loss or gradient norm was not finite in "
+                                f"{nonfinite_steps:.0f} step(s) up to step {step} (see "
+                                f"log.jsonl); the last checkpoint is untouched. Try a lower "
+                                f"--lr, or --on-nonfinite skip")
         return stopping
 
     def reduce(self, metrics):
@@ -550,53 +497,6 @@ class TrainingLog:
         return self.on_nonfinite == "stop" and bool(self.sums.get("nonfinite", 0) > 0)
 
 
-def evaluate_during_training(trainee, tokenizer, args, device, log, step):
-    """Zero-shot on --zeroshot-data, or on the built-in val data (with --val-probe all of
-    its tasks), on rank 0 while the others wait, logged under the keys eval.py and
-    final_metrics.json use. It draws no random numbers from the training's generators
-    and leaves the model in training mode."""
-    if log.is_main:
-        cuda_devices = [device] if device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            metrics = validation_metrics(trainee.model, tokenizer, args, device)
-        trainee.model.train()
-        log.zero_shot_top1 = next(v for k, v in metrics.items() if k.endswith("/top1"))
-        log.append({"step": step, **metrics})
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def validation_metrics(model, tokenizer, args, device):
-    if args.zeroshot_data:
-        folder = argparse.Namespace(data=args.zeroshot_data, classnames=args.classnames,
-                                    templates=None, device=device, batch_size=256, workers=0)
-        name = dataset_name(args.zeroshot_data)
-        return {f"zeroshot/{name}/{key}": value
-                for key, value in folder_zero_shot(model, tokenizer, folder).items()}
-    score = evaluation if args.val_probe else zero_shot_evaluation
-    return score(model, tokenizer, args.val_samples, args.seed, args.synthetic_heldout_pairs,
-                 device)
-
-
-def final_evaluation(trainee, tokenizer, args, device, skip_counts, checkpoint_path):
-    """All three tasks on the built-in val data (rank 0), printed and written to
-    final_metrics.json with the skip counts."""
-    metrics = dict(skip_counts)
-    counts = ", ".join(f"{k.split('/')[1]} {v}" for k, v in skip_counts.items())
-    print(f"bad samples skipped: {counts}")
-    if args.train_data == "synthetic":
-        metrics.update(evaluation(trainee.model, tokenizer, args.val_samples, args.seed,
-                                  args.synthetic_heldout_pairs, device))
-    else:
-        print(f"evaluate on your own data with: python eval.py TASK --checkpoint "
-              f"{checkpoint_path} ...")
-    metrics_path = os.path.join(args.out_dir, "final_metrics.json")
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=1)
-    print(f"final metrics ({metrics_path}):")
-    print_table(metrics)
-
-
 CURVES = (  # (panel title, log keys): what curves.png shows, where the log has it
     ("loss", ("loss", "clip/loss", "nclip/loss")),
     ("learning rate", ("lr",)),
@@ -613,7 +513,7 @@ def plot_training_curves(out_dir):
     nCLIP collapse monitors and the --val-every zero-shot curve, where logged."""
     log_path = os.path.join(out_dir, "log.jsonl")
     if not os.path.isfile(log_path):
-        fail(f"--plot {out_dir}: no log.jsonl there")
+        raise DataError(f"--plot {out_dir}: no log.jsonl there")
     with open(log_path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
     panels = []
@@ -630,205 +530,160 @@ def plot_training_curves(out_dir):
     return path
 
 
+# ----------------------------------------------------------------------------------- evaluation
+
+def evaluate_during_training(model, tokenizer, args, log, step):
+    """Zero-shot on --zeroshot-data, or on the built-in val data (with --val-probe all of
+    its tasks), on rank 0 while the others wait, logged under the keys eval.py and
+    final_metrics.json use. It draws no random numbers from the training's generators
+    and leaves the model in training mode."""
+    if log.is_main:
+        cuda_devices = [log.device] if log.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            metrics = validation_metrics(model, tokenizer, args, log.device)
+        model.train()
+        log.zero_shot_top1 = next(v for k, v in metrics.items() if k.endswith("/top1"))
+        log.append({"step": step, **metrics})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def validation_metrics(model, tokenizer, args, device):
+    if args.zeroshot_data:
+        name = dataset_name(args.zeroshot_data)
+        accuracy = folder_zero_shot(model, tokenizer, args.zeroshot_data, device,
+                                    classnames_file=args.classnames, workers=0)
+        return {f"zeroshot/{name}/{key}": value for key, value in accuracy.items()}
+    score = synthetic_evaluation if args.val_probe else synthetic_zero_shot
+    return score(model, tokenizer, device, num_samples=args.val_samples, seed=args.seed,
+                 num_heldout_pairs=args.synthetic_heldout_pairs)
+
+
+def final_evaluation(model, tokenizer, args, device, log):
+    """All three tasks on the built-in val data (rank 0), written to final_metrics.json
+    with the skip counts; the headline numbers printed."""
+    metrics = log.skip_counts()
+    counts = ", ".join(f"{k.split('/')[1]} {v}" for k, v in metrics.items())
+    print(f"bad samples skipped: {counts}")
+    if args.train_data == "synthetic":
+        metrics.update(synthetic_evaluation(model, tokenizer, device, num_samples=args.val_samples,
+                                            seed=args.seed,
+                                            num_heldout_pairs=args.synthetic_heldout_pairs))
+    else:
+        print(f"evaluate on your own data with: python eval.py TASK --checkpoint "
+              f"{os.path.join(args.out_dir, 'ckpt.pt')} ...")
+    metrics_path = os.path.join(args.out_dir, "final_metrics.json")
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f, indent=1)
+    headline = {label: metrics[key] for label, key in HEADLINE_METRICS.items() if key in metrics}
+    if "nclip/information" in log.last:
+        headline["nCLIP information (nats)"] = log.last["nclip/information"]
+    for label, value in headline.items():
+        print(f"{label:<26} {value:.3f}")
+    print(f"all {len(metrics)} numbers: {metrics_path}")
+
+
 # ------------------------------------------------------------------------------------- the loop
 
-def train(args):
-    global phase
+def save(trainee, step, args, log):
+    """Rank 0 writes OUT_DIR/ckpt.pt, unless a step since the last log line was not
+    finite: its update is in the weights. -> whether it wrote."""
+    if not log.is_main or log.saw_nonfinite():
+        return False
+    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), trainee, step, vars(args),
+                    log.skip_counts())
+    return True
+
+
+def save_and_stop(trainee, step, args, log, stop):
+    """Ctrl-C or SIGTERM reached some rank: keep what was learned, then exit."""
+    if save(trainee, step, args, log):
+        print(f"\nstopped by a signal: saved step {step} to {args.out_dir}/ckpt.pt; continue "
+              "with --resume", file=sys.stderr)
+    stop.exit()
+
+
+def train(args, stop):
+    """Set up from the flags, then one loop: schedule, batch, step, log, evaluate, save,
+    stop; then the final checkpoint and evaluation. `stop`: a faults.StopRequest."""
     rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    model, objective, optimizer = build_model(args, device)
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
-    if args.compile:
-        train_model = torch.compile(train_model)
-    trainee = Trainee(model, train_model, objective, optimizer,
-                      autocast_context(device, args.precision), args.grad_clip)
-    global_batch = args.batch_size * args.accum_freq * world_size
-    args.global_batch = global_batch
-    start_step, skip_counts = 0, {}
-    if args.resume:
-        checkpoint = read_checkpoint(args.resume)
-        check_checkpoint_matches(checkpoint, args.resume, args, world_size)
-        start_step, skip_counts = restore_checkpoint(checkpoint, trainee), checkpoint["skipped"]
+    trainee = build_trainee(args, device, world_size)
+    model = trainee.model
+    args.global_batch = args.batch_size * args.accum_freq * world_size
+    start_step, skip_counts = resume(args, trainee)
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
     tokenizer = Tokenizer(model.config.context_length)
-    loader = build_train_loader(args, model.config.image_size, tokenizer, rank, world_size,
-                                start_sample=start_step * global_batch)
-    checkpoint_path = os.path.join(args.out_dir, "ckpt.pt")
-    if is_main:
+    batches = iter(build_train_loader(args, tokenizer, model.config.image_size, rank, world_size,
+                                      start_sample=start_step * args.global_batch))
+    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=rank != 0,
+               dynamic_ncols=True)
+    log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), args.global_batch, world_size,
+                      device, bar, is_main=rank == 0, start_step=start_step,
+                      skip_counts=skip_counts, on_nonfinite=args.on_nonfinite)
+    if log.is_main:
         print(f"{args.loss} | {args.model}: {model.num_params() / 1e6:.2f}M parameters | "
-              f"global batch {global_batch} on {world_size} x {device}", flush=True)
-    if start_step >= args.steps and is_main:
+              f"global batch {args.global_batch} on {world_size} x {device}", flush=True)
+    for step in range(start_step, args.steps):
+        lr = learning_rate(step, args.lr, args.warmup, args.steps)
+        for group in trainee.optimizer.param_groups:
+            group["lr"] = lr
+        stop.phase = "waiting"
+        try:
+            images, tokens, skipped = next(batches)
+        except StopRequested:  # data that may never come: save now
+            save_and_stop(trainee, step, args, log, stop)
+        stop.phase = "training"
+        if not args.compile:  # the same features, less to compute; a compiled graph
+            tokens = tokenizer.trim_padding(tokens)  # keeps one length, compiled once
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        log.add(train_step(trainee, images, tokens, args.on_nonfinite, args.accum_freq), skipped)
+        bar.update(1)
+        done = step + 1
+        # one process can stop at any step; ranks agree at log lines
+        if done % args.log_every == 0 or done == args.steps or (world_size == 1 and stop.signal):
+            if log.write(done, lr, model.head_norms(), stop.signal is not None):
+                save_and_stop(trainee, done, args, log, stop)
+        if args.val_every and done % args.val_every == 0:
+            evaluate_during_training(model, tokenizer, args, log, done)
+        if done % args.save_every == 0 and done < args.steps:
+            save(trainee, done, args, log)
+    bar.close()
+    if start_step >= args.steps and log.is_main:
         print(f"{args.resume} is at step {start_step}, --steps is {args.steps}: nothing to "
               "train; evaluating it", flush=True)
-    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not is_main,
-               dynamic_ncols=True)
-    log = TrainingLog(os.path.join(args.out_dir, "log.jsonl"), global_batch, world_size, device,
-                      is_main, bar, start_step, skip_counts, args.on_nonfinite)
-    batches = iter(loader)
-    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # bad samples passed over here
-    step = start_step
-    try:
-        for step in range(start_step, args.steps):
-            lr = learning_rate(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            phase = "waiting"
-            images, tokens, skipped_now = next(batches)
-            phase = "training"
-            if not args.compile:  # the same features, less to compute; a compiled graph
-                tokens = tokenizer.trim_padding(tokens)  # keeps one length, compiled once
-            skipped += skipped_now.sum(dim=0)
-            log.add(train_step(trainee, images.to(device, non_blocking=True),
-                               tokens.to(device, non_blocking=True), args.on_nonfinite,
-                               args.accum_freq))
-            bar.update(1)
-            after_step(trainee, tokenizer, args, device, log, step + 1, lr, skipped,
-                       checkpoint_path)
-    except StopRequested:
-        stop_on_signal(trainee, checkpoint_path, step, args, is_main, log)
-    bar.close()
-    if is_main and start_step < args.steps:
-        save_checkpoint(checkpoint_path, trainee, args.steps, args, log.skip_counts())
-    if stop_signal is not None:  # it came during the last step or the save: both are done
-        sys.exit(128 + stop_signal)
-    phase = "evaluating"  # the checkpoint is written: a signal may now end the run at once
-    if is_main:
+    elif start_step < args.steps:
+        save(trainee, args.steps, args, log)
+    if stop.signal is not None:  # it came during the last step or the save: both are done
+        stop.exit()
+    stop.phase = "evaluating"  # the checkpoint is written: a signal may now end the run at once
+    if log.is_main:
         if start_step < args.steps:
             print(f"wrote {plot_training_curves(args.out_dir)}")
-        final_evaluation(trainee, tokenizer, args, device, log.skip_counts(), checkpoint_path)
+        final_evaluation(model, tokenizer, args, device, log)
     if world_size > 1:
-        del trainee, train_model
+        del trainee, model
         gc.collect()  # DDP's reducer goes before its process group, not in interpreter teardown
         dist.destroy_process_group()
 
 
-def after_step(trainee, tokenizer, args, device, log, done, lr, skipped, checkpoint_path):
-    """Log, stop on a signal or a non-finite loss, evaluate and save, when it is time."""
-    single = log.world_size == 1  # one process can stop at any step; ranks agree at log lines
-    if done % args.log_every == 0 or done == args.steps or (single and stop_signal):
-        nonfinite_steps = log.sums.get("nonfinite", 0)
-        stopping = log.write(done, lr, skipped, trainee.model.head_norms())
-        if log.last.get("nonfinite", 0) > 0 and args.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"the loss or gradient norm was not finite in "
-                                f"{nonfinite_steps:.0f} step(s) up to step {done} (see "
-                                f"log.jsonl); the last checkpoint is untouched. Try a lower "
-                                f"--lr, or --on-nonfinite skip")
-        if stopping:
-            stop_on_signal(trainee, checkpoint_path, done, args, log.is_main, log)
-    if args.val_every and done % args.val_every == 0:
-        evaluate_during_training(trainee, tokenizer, args, device, log, done)
-    if log.is_main and done % args.save_every == 0 and done < args.steps:
-        if not log.saw_nonfinite():
-            save_checkpoint(checkpoint_path, trainee, done, args, log.skip_counts())
-
-
-def stop_on_signal(trainee, checkpoint_path, step, args, is_main, log):
-    """Ctrl-C or SIGTERM reached some rank: keep what was learned, then exit."""
-    if is_main and not log.saw_nonfinite():
-        save_checkpoint(checkpoint_path, trainee, step, args, log.skip_counts())
-        print(f"\nstopped by a signal: saved step {step} to {checkpoint_path}; "
-              "continue with --resume", file=sys.stderr)
-    sys.exit(128 + (stop_signal or signal.SIGTERM))
-
-
-def check_flags(args):
-    """What argparse types cannot see alone: files, flags that go together, head counts,
-    held-out pairs."""
-    if args.val_every and args.train_data != "synthetic" and not args.zeroshot_data:
-        fail("--val-every evaluates on the built-in val data, which goes with --train-data "
-             "synthetic; pass --zeroshot-data FOLDER to evaluate on your own images")
-    if args.val_probe and (args.zeroshot_data or not args.val_every):
-        fail("--val-probe adds the built-in data's probes to --val-every; it needs --val-every "
-             "and no --zeroshot-data")
-    if args.classnames and not args.zeroshot_data:
-        fail("--classnames names the classes of --zeroshot-data; pass that folder too")
-    if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
-        fail(f"--zeroshot-data {args.zeroshot_data}: no such folder")
-    if args.classnames and not os.path.isfile(args.classnames):
-        fail(f"--classnames {args.classnames}: no such file")
-    pairs = len(COLORS) * len(SHAPES)
-    if args.synthetic_heldout_pairs >= pairs:
-        fail(f"--synthetic-heldout-pairs {args.synthetic_heldout_pairs}: there are {pairs} "
-             f"(color, shape) pairs and training needs at least one; pass at most {pairs - 1}")
-    problem = model_config_problem(model_config_from_args(args))
-    if problem:
-        fail(problem)
-
-
-def model_config_problem(config):
-    """What makes this architecture unbuildable, as a one-line message; None if nothing."""
-    for tower in ("vision", "text"):
-        width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
-        if width % heads:
-            return f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}"
-    if config.image_size < config.patch_size:
-        return f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}"
-    if config.conv_stem and (config.patch_size & (config.patch_size - 1)
-                             or config.image_size % config.patch_size):
-        return (f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
-                f"--patch-size {config.patch_size}, --image-size {config.image_size}")
-    if config.conv_stem and config.vision_width < config.patch_size // 2:
-        return (f"--conv-stem halves --vision-width once per stride-2 convolution: it needs at "
-                f"least {config.patch_size // 2} for --patch-size {config.patch_size}")
-    return None
-
-def take_out_dir(out_dir):
-    """A lock file with our pid: two live runs never share an --out-dir (and its
-    checkpoint). A lock left by a dead process is taken over."""
-    check_writable(out_dir)
-    lock = os.path.join(out_dir, "train.lock")
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if process_alive(lock):
-                with open(lock) as f:
-                    owner = f.read().strip()
-                fail(f"--out-dir {out_dir} is in use by a running train.py (pid {owner}); "
-                     "pick another --out-dir")
-            os.remove(lock)
-            continue
-        with os.fdopen(descriptor, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
-        return
-
-
-def process_alive(lock):
-    try:
-        with open(lock) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, 0)
-    except (ValueError, OSError):
-        return False
-    return pid != os.getpid()
-
-
-def user_message(error):
-    """A DataError raised in a loader worker reaches us wrapped in the worker's traceback:
-    keep its own message."""
-    last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-    return last_line.removeprefix("data.DataError: ").removeprefix("DataError: ")
-
-
 def main():
     args = build_parser().parse_args()
-    if args.plot:
-        return print(f"wrote {plot_training_curves(args.plot)}")
-    check_flags(args)
-    if args.resume == "latest":
-        latest = os.path.join(args.out_dir, "ckpt.pt")
-        args.resume = latest if os.path.isfile(latest) else None
-    if args.resume and not os.path.isfile(args.resume):
-        fail(f"--resume {args.resume}: no such checkpoint")
-    if int(os.environ.get("RANK", 0)) == 0:
-        take_out_dir(args.out_dir)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     try:
-        train(args)
+        if args.plot:
+            return print(f"wrote {plot_training_curves(args.plot)}")
+        problem = check_flags(args)
+        if problem:
+            raise DataError(problem)
+        if args.resume == "latest":
+            latest = os.path.join(args.out_dir, "ckpt.pt")
+            args.resume = latest if os.path.isfile(latest) else None
+        if int(os.environ.get("RANK", 0)) == 0:
+            take_out_dir(args.out_dir)
+        stop = StopRequest()
+        stop.install()
+        train(args, stop)
     except (DataError, NonFiniteLoss) as error:
-        fail(user_message(error))
+        fail("train.py", user_message(error))
 
 
 if __name__ == "__main__":

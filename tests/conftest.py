@@ -14,8 +14,8 @@ from model import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The model the tests train with train.py and claims.py: seconds per run on a laptop CPU,
-# yet large enough to learn color from the built-in data in a hundred steps.
+# The model the tests train with train.py and experiments/claims.py: seconds per run on a
+# laptop CPU, yet large enough to learn color from the built-in data in a hundred steps.
 SMALL_MODEL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "64",
                "--text-width", "64", "--embed-dim", "64", "--head-hidden-dim", "128",
                "--num-prototypes", "16", "--workers", "0"]
@@ -54,7 +54,7 @@ def run_in_process(monkeypatch, capsys, script, *flags):
     before it trains or scores (a bad flag, path or checkpoint), the code a user runs
     without a Python start-up per case. Returns what run_script returns; a train.py run
     leaves no lock in its --out-dir."""
-    module = importlib.import_module(script.removesuffix(".py"))
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [script, *flags])
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest keeps its handlers

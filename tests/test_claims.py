@@ -3,12 +3,12 @@ import json
 
 from PIL import Image
 
-from claims import claim_verdicts, compare, curve, verdict
 from conftest import SMALL_MODEL, run_script
+from experiments.claims import claim_verdicts, compare, curve, verdict
 
 
 def test_claims_writes_results_table_verdicts_and_plots(tmp_path):
-    result = run_script("claims.py", "--seeds", "0", "--steps", "4", "--val-every", "2",
+    result = run_script("experiments/claims.py", "--seeds", "0", "--steps", "4", "--val-every", "2",
                         "--out-dir", str(tmp_path), "--", *SMALL_MODEL, "--batch-size", "16",
                         "--val-samples", "30", "--log-every", "1")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -50,7 +50,7 @@ def write_captions(root):
 class FakeImageModel(nn.Module):
     """Mean color as the image embedding: enough to see which images were read."""
 
-    def embed_image(self, images):
+    def encode_image(self, images, normalize=False):
         return images.mean(dim=(2, 3))
 
 
@@ -144,7 +144,7 @@ class FakeTextModel(nn.Module):
         super().__init__()
         self.tokenizer, self.table = tokenizer, table
 
-    def embed_text(self, tokens):
+    def encode_text(self, tokens, normalize=False):
         return torch.stack([self.table[self.tokenizer.decode(row)] for row in tokens])
 
 
@@ -307,8 +307,8 @@ def test_cli_linear_probe_with_a_feature_cache(checkpoint, tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 4  # features and indices of each split
 
 
-def test_synthetic_eval_command_scores_a_checkpoint_on_the_built_in_data(checkpoint, tmp_path):
-    result = run_script("synthetic.py", "eval", "--checkpoint", checkpoint, "--val-samples", "16",
+def test_eval_synthetic_scores_a_checkpoint_on_the_built_in_data(checkpoint, tmp_path):
+    result = run_script("eval.py", "synthetic", "--checkpoint", checkpoint, "--val-samples", "16",
                         "--workers", "0", "--output", str(tmp_path / "s.json"), timeout=300)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "s.json").read_text())

@@ -15,6 +15,7 @@ from PIL import Image
 
 import data
 import train
+from checkpoint import save_checkpoint
 from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
 
 def assert_one_line_error(result, message, code=2):
@@ -259,11 +260,10 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_
             f.write(b"partial")
         raise OSError(28, "No space left on device")
     args = train.build_parser().parse_args(MINI)
-    model, objective, optimizer = train.build_model(args, "cpu")
-    trainee = train.Trainee(model, model, objective, optimizer, None, 0)
+    trainee = train.build_trainee(args, "cpu")
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(data.DataError, match="No space left on device"):
-        train.save_checkpoint(path, trainee, 3, args)
+        save_checkpoint(path, trainee, 3, vars(args))
     assert (tmp_path / "ckpt.pt").read_bytes() == b"previous"
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 

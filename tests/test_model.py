@@ -96,15 +96,28 @@ def test_text_feature_is_read_at_the_end_of_text_token():
     after_eot[0, 4:] = 42  # causal attention: what follows the end-of-text is never seen
     before_eot = tokens.clone()
     before_eot[0, 1] = 42
-    feature = model.encode_text(tokens)
-    assert torch.allclose(feature, model.encode_text(after_eot))
-    assert not torch.allclose(feature, model.encode_text(before_eot))
+    feature = model.text_tower_features(tokens)
+    assert torch.allclose(feature, model.text_tower_features(after_eot))
+    assert not torch.allclose(feature, model.text_tower_features(before_eot))
+
+
+def test_encode_image_and_text_are_clips_projected_embeddings():
+    """As in CLIP and open_clip: encode_* project the tower feature, normalize=True
+    makes it the unit embedding the CLIP loss scores."""
+    model = small_model("clip")
+    images, tokens = torch.randn(2, 3, 16, 16), torch.tensor([[5, 6, 999, 0, 0, 0, 0, 0]] * 2)
+    projected = model.image_projection(model.image_tower_features(images))
+    assert torch.allclose(model.encode_image(images), projected)
+    assert not torch.allclose(model.encode_image(images).norm(dim=-1), torch.ones(2))
+    out = model(images, tokens)
+    assert torch.allclose(model.encode_image(images, normalize=True), out.image_embeddings)
+    assert torch.allclose(model.encode_text(tokens, normalize=True), out.text_embeddings)
 
 
 def test_nclip_zero_shot_embedding_is_the_root_of_the_prototype_distribution():
     model = small_model("nclip")
     images = torch.randn(2, 3, 16, 16)
-    embedding = model.embed_image(images)
+    embedding = model.encode_image(images, normalize=True)
     logits = model(images, torch.full((2, 8), 999)).image_prototype_logits
     p = torch.softmax(logits / model.student_temp, dim=-1)
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2))

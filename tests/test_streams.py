@@ -111,11 +111,9 @@ def test_train_loader_names_missing_shards_and_needs_a_sample_count(tmp_path):
     three_shards = str(tmp_path / "{00000..00002}.tar")
     two_shards = str(tmp_path / "{00000..00001}.tar")
     with pytest.raises(DataError, match="1 of 3 shards missing"):
-        build_train_loader(loader_args(three_shards, "--train-num-samples", "8"),
-                           16, TOKENIZER, 0, 1, 0)
+        build_train_loader(loader_args(three_shards, "--train-num-samples", "8"), TOKENIZER, 16)
     with pytest.raises(DataError, match="--train-num-samples"):
-        build_train_loader(loader_args(two_shards), 16, TOKENIZER, 0, 1, 0)
-    loader = build_train_loader(loader_args(two_shards, "--train-num-samples", "8"),
-                                16, TOKENIZER, 0, 1, 0)
+        build_train_loader(loader_args(two_shards), TOKENIZER, 16)
+    loader = build_train_loader(loader_args(two_shards, "--train-num-samples", "8"), TOKENIZER, 16)
     images, tokens, skipped = next(iter(loader))
     assert images.shape == (2, 3, 16, 16) and tokens.shape == (2, 8) and skipped.shape == (2, 3)

@@ -13,7 +13,7 @@ def val_accuracies(stdout):
 
 
 def test_the_tiny_tower_learns_shape_from_labels_past_chance():
-    result = run_script("tower_probe.py", "--steps", "80", "--batch-size", "64",
+    result = run_script("experiments/tower_probe.py", "--steps", "80", "--batch-size", "64",
                         "--eval-every", "40", "--val-samples", "200", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     accuracies = val_accuracies(result.stdout)
@@ -22,7 +22,7 @@ def test_the_tiny_tower_learns_shape_from_labels_past_chance():
 
 
 def first_loss(*flags):
-    result = run_script("tower_probe.py", "--steps", "1", "--batch-size", "16",
+    result = run_script("experiments/tower_probe.py", "--steps", "1", "--batch-size", "16",
                         "--val-samples", "20", *flags, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return float(re.search(r"step 1: loss ([0-9.]+)", result.stdout).group(1))
@@ -39,7 +39,7 @@ def test_color_labels_add_the_color_cross_entropy_to_the_loss():
     (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_code_2(monkeypatch, capsys, flags, message):
-    result = run_in_process(monkeypatch, capsys, "tower_probe.py", *flags)
+    result = run_in_process(monkeypatch, capsys, "experiments/tower_probe.py", *flags)
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -2,12 +2,13 @@
 seeds on the built-in data, evaluated by the same code, and the paper's three claims
 decided from the numbers.
 
-    python claims.py                           # 3 objectives x seeds 0 1 2, train.py's defaults
-    python claims.py --batch-sizes 64 256      # and each objective at these batch sizes
-    python claims.py --ablations               # nCLIP's departures from the paper, one at a time
-    python claims.py --model vit_s16 --steps 5000 -- --device cuda --batch-size 512   # on a GPU
+    python experiments/claims.py                       # 3 objectives x seeds 0 1 2
+    python experiments/claims.py --batch-sizes 64 256  # and each objective at these batches
+    python experiments/claims.py --ablations           # nCLIP's departures, one at a time
+    python experiments/claims.py --model vit_s16 --steps 5000 -- --device cuda --batch-size 512
 
-Everything after `--` goes to every train.py run. Writes, under --out-dir (default claims/):
+Run from the repository root. Everything after `--` goes to every train.py run. Writes,
+under --out-dir (default experiments/results/):
 results.json (each run's command, wall time, final metrics and curves), table.md (mean and
 standard deviation per objective, and the verdicts), curves.png and bars.png; ablations.md
 for --ablations. A run whose final_metrics.json exists is read, not rerun: delete its folder
@@ -27,19 +28,14 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the paper's code
+from eval import HEADLINE_METRICS
 from plots import Panel, bar_chart, line_panels
 
 OBJECTIVES = ("clip", "nclip", "xclip")
-METRICS = {  # column -> key in final_metrics.json (or in the last log line for nclip/*)
-    "zero-shot shape": "zeroshot/shape/top1",
-    "zero-shot color": "zeroshot/color/top1",
-    "held-out pairs, shape": "zeroshot/heldout_shape/top1",
-    "image→text R@1": "retrieval/synthetic/image_to_text/R@1",
-    "text→image R@1": "retrieval/synthetic/text_to_image/R@1",
-    "probe shape": "linear_probe/synthetic_shape/top1",
-    "probe color": "linear_probe/synthetic_color/top1",
-    "nCLIP information": "nclip/information",
-}
+# column -> key in final_metrics.json (or in the last log line for nclip/*)
+METRICS = {**HEADLINE_METRICS, "nCLIP information": "nclip/information"}
 ABLATION_METRICS = ("nclip/information", "nclip/same_prototype", "nclip/image_perplexity",
                     "zeroshot/color/top1", "zeroshot/shape/top1",
                     "retrieval/synthetic/image_to_text/R@1", "linear_probe/synthetic_shape/top1")
@@ -84,15 +80,16 @@ def parse_args(argv=None):
                    help="run the nCLIP ablations (first seed) instead of the claims")
     p.add_argument("--val-every", type=int, default=100,
                    help="steps between zero-shot curve points")
-    p.add_argument("--out-dir", default="claims", help="where runs, tables and plots go")
+    p.add_argument("--out-dir", default=os.path.join("experiments", "results"),
+                   help="where runs, tables and plots go")
     args = p.parse_args(argv)
     args.train_flags = train_flags
     return args
 
 
 def train_command(args, objective, seed, run_dir, extra=()):
-    command = [sys.executable, "train.py", "--loss", objective, "--seed", str(seed),
-               "--out-dir", run_dir, "--val-every", str(args.val_every)]
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--loss", objective,
+               "--seed", str(seed), "--out-dir", run_dir, "--val-every", str(args.val_every)]
     if args.steps:
         command += ["--steps", str(args.steps)]
     if args.model:
@@ -118,7 +115,7 @@ def run(args, name, objective, seed, extra=()):
     """Train (unless done before) and read one run."""
     run_dir = os.path.join(args.out_dir, "runs", name)
     command = train_command(args, objective, seed, run_dir, extra)
-    printable = " ".join(command[1:])
+    printable = " ".join(["train.py", *command[2:]])
     done = os.path.exists(os.path.join(run_dir, "final_metrics.json"))
     started = time.time()
     if not done:

@@ -8,12 +8,14 @@ With --color-labels a second linear classifier learns the color label beside it 
 cross entropies summed): the tower must then learn color as well, as it must under any
 objective whose captions name colors, and what that costs shape shows.
 
-    python tower_probe.py                          # the tiny preset: conv stem, 32 px
-    python tower_probe.py --color-labels           # shape and color together
-    python tower_probe.py --color-labels --no-conv-stem-norm   # the same, stem not normalized
+    python experiments/tower_probe.py                  # the tiny preset: conv stem, 32 px
+    python experiments/tower_probe.py --color-labels   # shape and color together
+    python experiments/tower_probe.py --color-labels --no-conv-stem-norm   # stem not normalized
 
 Takes train.py's model flags; only the image tower's fields matter.
 """
+import os
+import sys
 import time
 
 import torch
@@ -21,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import OneLineErrorParser, TrainTransform, non_negative_float, positive_int
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
+from data import TrainTransform
+from faults import OneLineErrorParser, non_negative_float, positive_int
 from model import PRESETS, VisionTransformer
 from synthetic import COLORS, SHAPES, SyntheticCaptions, object_labels, scored_scenes
 from train import (add_model_flags, learning_rate, model_config_from_args,
@@ -86,7 +90,7 @@ def main(argv=None):
     started = time.perf_counter()
     for step in tqdm(range(args.steps), desc="steps"):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = learning_rate(step, args.lr, args.warmup, args.steps)
         images, shapes, colors = labelled_batch(train_scenes, step * args.batch_size,
                                                 args.batch_size)
         features = tower(images)

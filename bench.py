@@ -16,10 +16,14 @@ is open_clip's own training step (its CLIP model at this architecture, its ClipL
 optimizer grouping); it needs `pip install open_clip_torch`, in a separate virtualenv: it
 is never a dependency of this project.
 """
+import io
 import math
+import os
 import resource
 import statistics
 import sys
+import tarfile
+import tempfile
 import time
 
 import torch
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from data import SKIP_REASONS, Tokenizer
 from eval import retrieval_recall
 from model import ConvStem, autocast_context, default_device
+from synthetic import SyntheticCaptions
 from train import (build_parser, build_train_loader, build_trainee, model_config_from_args,
                    train_step)
 
@@ -50,6 +55,9 @@ def parse_args():
     p.add_argument("--loader", action="store_true",
                    help="time train.py's data loader for --train-data instead (decode, augment, "
                         "tokenize)")
+    p.add_argument("--jpeg-shards", action="store_true",
+                   help="with --loader: time it on 4 generated shards of 1,000 256-px JPEGs "
+                        "(CC3M as img2dataset writes it at --image_size 256)")
     p.add_argument("--retrieval", action="store_true",
                    help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's "
                         "size) instead")
@@ -179,9 +187,28 @@ def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
     return seconds
 
 
+def write_jpeg_shards(folder, num_shards=4, per_shard=1000, side=256):
+    """img2dataset's layout ({key}.jpg beside {key}.txt) of `side`-px JPEGs at quality 95
+    of the built-in val scenes: what CC3M downloaded with --image_size 256 gives the
+    loader to do. -> the shard pattern"""
+    scenes = SyntheticCaptions("val", seed=0, image_size=side)
+    for shard in range(num_shards):
+        with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w") as tar:
+            for index in range(shard * per_shard, (shard + 1) * per_shard):
+                jpeg = io.BytesIO()
+                scenes.image(index).save(jpeg, format="JPEG", quality=95)
+                for extension, payload in (("jpg", jpeg.getvalue()),
+                                           ("txt", scenes.caption(index).encode())):
+                    info = tarfile.TarInfo(f"{index:09d}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(folder, f"{{00000..{num_shards - 1:05d}}}.tar")
+
+
 def time_loader(args, config):
     """Images/s of train.py's loader on --train-data with --workers processes: decoding,
-    random resized crop, normalization, tokenization and collation, what a GPU waits for."""
+    random resized crop, tokenization and collation of uint8 batches, what a GPU waits
+    for. With --jpeg-shards, on generated 256-px JPEG shards instead."""
     tokenizer = Tokenizer(config.context_length)
     loader = build_train_loader(args, tokenizer, config.image_size)
     batches = iter(loader)
@@ -219,6 +246,10 @@ def main():
         print("bench.py: error: open_clip's ViT has no conv stem; pass --no-conv-stem to compare "
               "the same architecture", file=sys.stderr)
         sys.exit(2)
+    if args.loader and args.jpeg_shards:
+        with tempfile.TemporaryDirectory(prefix="xclip-bench-") as folder:
+            args.train_data, args.train_num_samples = write_jpeg_shards(folder), 4000
+            return time_loader(args, config)
     if args.loader:
         return time_loader(args, config)
     if args.retrieval:

@@ -79,14 +79,21 @@ CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
 
-def to_normalized_tensor(image):  # PIL RGB -> (3, H, W) float, CLIP mean/std
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return (pixels.float() / 255 - CLIP_MEAN) / CLIP_STD
+def to_pixels(image):  # PIL RGB -> (3, H, W) uint8
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(pixels):
+    """(..., 3, H, W) uint8 pixels -> float32 with CLIP's mean and std, on the pixels'
+    device. The transforms return uint8 and the loaders carry it: a quarter of float32's
+    bytes through shared memory and to the GPU, which then does this arithmetic."""
+    mean, std = CLIP_MEAN.to(pixels.device), CLIP_STD.to(pixels.device)
+    return (pixels.float() / 255 - mean) / std
 
 
 class TrainTransform:
-    """Random resized crop (area fraction in `scale`, aspect ratio in `ratio`), then
-    normalize. No flip: captions may say left and right."""
+    """Random resized crop (area fraction in `scale`, aspect ratio in `ratio`) to uint8
+    pixels (see normalize). No flip: captions may say left and right."""
 
     def __init__(self, size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, scale, ratio
@@ -106,12 +113,12 @@ class TrainTransform:
 
     def __call__(self, image, rng=random):
         box = self.crop_box(*image.size, rng)
-        return to_normalized_tensor(image.convert("RGB").resize(
-            (self.size, self.size), Image.BICUBIC, box=box))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        return to_pixels(image.resize((self.size, self.size), Image.BICUBIC, box=box))
 
 
 class EvalTransform:
-    """Resize the shorter side to `size`, center crop, normalize."""
+    """Resize the shorter side to `size`, center crop, to uint8 pixels (see normalize)."""
 
     def __init__(self, size):
         self.size = size
@@ -122,7 +129,7 @@ class EvalTransform:
         width, height = max(self.size, round(width * scale)), max(self.size, round(height * scale))
         image = image.convert("RGB").resize((width, height), Image.BICUBIC)
         left, top = (width - self.size) // 2, (height - self.size) // 2
-        return to_normalized_tensor(image.crop((left, top, left + self.size, top + self.size)))
+        return to_pixels(image.crop((left, top, left + self.size, top + self.size)))
 
 
 # ----------------------------------------------------------------------------- files on disk
@@ -505,5 +512,5 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False, 
     loaders read the dataset in order, all of it."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=sampler is not None,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
                       worker_init_fn=ignore_interrupts, collate_fn=collate_fn)

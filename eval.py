@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import (EvalTransform, IndexedImages, Tokenizer, collate_readable,
-                  group_captions_by_image, make_loader, name_examples, open_image,
+                  group_captions_by_image, make_loader, name_examples, normalize, open_image,
                   read_caption_table, read_image_folder, read_lines)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
                     positive_float, positive_int)
@@ -54,7 +54,7 @@ def image_features(model, dataset, device, *, projected=True, batch_size=256, wo
     for images, batch_indices in tqdm(loader, desc=desc, leave=False, disable=None):
         if images is not None:
             with autocast_context(device):
-                images = images.to(device)
+                images = normalize(images.to(device))
                 encoded = (model.encode_image(images, normalize=True) if projected
                            else model.image_tower_features(images))
                 features.append(encoded.float().cpu())

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from checkpoint import check_resumable, read_checkpoint, restore_checkpoint, save_checkpoint
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, ResumableSampler, TarShardStream,
-                  Tokenizer, TrainTransform, expand_shards, make_loader, name_examples,
+                  Tokenizer, TrainTransform, expand_shards, make_loader, name_examples, normalize,
                   stream_seed)
 from eval import (HEADLINE_METRICS, dataset_name, folder_zero_shot, synthetic_evaluation,
                   synthetic_zero_shot)
@@ -635,7 +635,8 @@ def train(args, stop):
         stop.phase = "training"
         if not args.compile:  # the same features, less to compute; a compiled graph
             tokens = tokenizer.trim_padding(tokens)  # keeps one length, compiled once
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images = normalize(images.to(device, non_blocking=True))  # uint8 until here
+        tokens = tokens.to(device, non_blocking=True)
         log.add(train_step(trainee, images, tokens, args.on_nonfinite, args.accum_freq), skipped)
         bar.update(1)
         done = step + 1

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
-from data import TrainTransform
+from data import TrainTransform, normalize
 from faults import OneLineErrorParser, non_negative_float, positive_int
 from model import PRESETS, VisionTransformer
 from synthetic import COLORS, SHAPES, SyntheticCaptions, object_labels, scored_scenes
@@ -54,7 +54,7 @@ def build_parser():
 def labelled_batch(scenes, first_index, batch_size):
     """Images, shape labels and color labels of samples first_index, first_index + 1, ..."""
     indices = range(first_index, first_index + batch_size)
-    images = torch.stack([scenes[i][0] for i in indices])
+    images = normalize(torch.stack([scenes[i][0] for i in indices]))
     objects = [scenes.scene(i)[0][0] for i in indices]
     shapes = torch.tensor([list(SHAPES).index(obj.shape) for obj in objects])
     colors = torch.tensor([list(COLORS).index(obj.color) for obj in objects])
@@ -83,7 +83,7 @@ def main(argv=None):
                                      two_object_fraction=0.0)
     val_scenes = scored_scenes("val", args.val_samples, args.seed, size, 4,
                                two_object_fraction=0.0)
-    val_images = torch.stack([val_scenes[i][0] for i in range(len(val_scenes))])
+    val_images = normalize(torch.stack([val_scenes[i][0] for i in range(len(val_scenes))]))
     val_labels = object_labels(val_scenes, "shape", SHAPES)
     print(f"image tower: {sum(p.numel() for p in tower.parameters()) / 1e6:.2f}M parameters, "
           f"{size} px, patch {config.patch_size}, conv stem {config.conv_stem}")

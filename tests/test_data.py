@@ -1,10 +1,13 @@
 """Tokenizer, the synthetic dataset, transforms and the resumable sampler."""
+import random
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, open_image,
-                  read_caption_table)
+from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, normalize,
+                  open_image, read_caption_table)
 from model import TwoTowerModel, model_config
 from synthetic import COLORS, SHAPES, SyntheticCaptions, heldout_pairs
 
@@ -86,7 +89,6 @@ def test_eval_transform_resizes_shorter_side_and_center_crops():
 
 def test_train_transform_crops_within_the_image_at_the_requested_scale():
     transform = TrainTransform(32, scale=(0.5, 1.0))
-    import random
     rng = random.Random(0)
     for _ in range(100):
         left, top, right, bottom = transform.crop_box(64, 48, rng)
@@ -145,3 +147,17 @@ def test_open_image_returns_none_for_corrupt_or_truncated_files(tmp_path):
     assert open_image(str(tmp_path / "good.png")).getpixel((0, 0)) == (1, 2, 3)
     for name in ("truncated.jpg", "junk.jpg", "absent.jpg"):
         assert open_image(str(tmp_path / name)) is None
+
+
+def test_uint8_pixels_normalized_later_equal_the_float_transform_of_before():
+    """Loaders carry uint8 and normalize on the device: the same floats as normalizing
+    each image in the worker."""
+    image = Image.effect_noise((40, 30), 60).convert("RGB")
+    pixels = TrainTransform(24)(image, random.Random(0))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
+    resized = image.resize((24, 24), Image.BICUBIC, box=TrainTransform(24).crop_box(
+        40, 30, random.Random(0)))
+    floats = torch.tensor(np.asarray(resized), dtype=torch.float32).permute(2, 0, 1) / 255
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    assert torch.equal(normalize(pixels[None])[0], (floats - mean) / std)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_config
+from data import normalize as normalize_pixels
 from model import OBJECTIVES, PRESETS, ConvStem, TwoTowerModel, model_config
 from synthetic import scored_scenes
 
@@ -183,7 +184,7 @@ def test_only_the_normalized_conv_stem_starts_with_patches_that_outweigh_the_pos
     torch.manual_seed(0)
     tower = TwoTowerModel(model_config("tiny", conv_stem_norm=normalize), "clip").visual
     scenes = scored_scenes("val", 32, 0, 32, 4)
-    images = torch.stack([scenes[i][0] for i in range(len(scenes))])
+    images = normalize_pixels(torch.stack([scenes[i][0] for i in range(len(scenes))]))
     with torch.no_grad():
         patches = tower.patch_projection(images)  # (B, D, 4, 4)
     image_dependent = (patches - patches.mean(dim=0)).std()

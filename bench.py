@@ -33,13 +33,24 @@ from data import SKIP_REASONS, Tokenizer
 from eval import retrieval_recall
 from model import ConvStem, autocast_context, default_device
 from synthetic import SyntheticCaptions
-from train import (build_parser, build_train_loader, build_trainee, model_config_from_args,
-                   train_step)
+from train import (build_parser, build_train_loader, build_trainee, default_workers,
+                   model_config_from_args, train_step)
 
-# Dense bf16 tensor-core peaks from the data sheets (TFLOP/s). MFU is reported against
-# this peak whatever --precision is, as PaLM and nanoGPT do; a CPU or another GPU needs
-# --peak-tflops.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks from the data sheets (TFLOP/s), by the exact name
+# torch.cuda.get_device_name gives: the PCIe and NVL parts of a GPU are slower than its
+# SXM part. MFU is reported against this peak whatever --precision is, as PaLM and
+# nanoGPT do; a CPU or another GPU needs --peak-tflops.
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+}
 
 
 def parse_args():
@@ -56,14 +67,19 @@ def parse_args():
                    help="time train.py's data loader for --train-data instead (decode, augment, "
                         "tokenize)")
     p.add_argument("--jpeg-shards", action="store_true",
-                   help="with --loader: time it on 4 generated shards of 1,000 256-px JPEGs "
+                   help="with --loader: time it on 16 generated shards of 250 256-px JPEGs "
                         "(CC3M as img2dataset writes it at --image_size 256)")
+    p.add_argument("--largest-batch", action="store_true",
+                   help="on a GPU: the largest batch whose step fits, doubling from "
+                        "--batch-size")
     p.add_argument("--retrieval", action="store_true",
                    help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's "
                         "size) instead")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for MFU; default: the table in bench.py for known GPUs")
-    return p.parse_args()
+    args = p.parse_args()
+    args.workers = default_workers() if args.workers is None else args.workers
+    return args
 
 
 def flops_per_sample(c, objective, batch_size):
@@ -119,8 +135,7 @@ def peak_memory_text(device):
 def peak_tflops(args, device):
     if args.peak_tflops or device.type != "cuda":
         return args.peak_tflops
-    name = torch.cuda.get_device_name(device)
-    return next((peak for gpu, peak in PEAK_TFLOPS.items() if gpu in name), None)
+    return PEAK_TFLOPS.get(torch.cuda.get_device_name(device))
 
 
 def open_clip_step(args, config, device, autocast):
@@ -171,6 +186,29 @@ def our_step(args, loss, device, accum_freq):
     return step, trainee.model.num_params()
 
 
+def largest_batch(args, config, device, limit=16384):
+    """The largest batch, doubling from --batch-size, whose training step runs on the GPU
+    (two steps, the optimizer's state included)."""
+    fits, batch_size = None, args.batch_size
+    while batch_size <= limit:
+        try:
+            torch.cuda.reset_peak_memory_stats(device)
+            step, _ = our_step(args, args.loss, device, 1)
+            for _ in range(2):
+                step(*synthetic_batch(config, batch_size, device))
+            torch.cuda.synchronize(device)
+            fits, memory = batch_size, peak_memory_text(device)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            step = None
+            torch.cuda.empty_cache()
+        batch_size *= 2
+    checkpointing = "with" if args.grad_checkpointing else "without"
+    print(f"largest batch | {args.model} {args.loss} | {checkpointing} --grad-checkpointing: "
+          f"{fits} ({memory if fits else 'not even --batch-size'})")
+
+
 def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
     """Warm each step up, then time one step of each in turn. -> seconds of each step."""
     for step in steps:
@@ -187,7 +225,7 @@ def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
     return seconds
 
 
-def write_jpeg_shards(folder, num_shards=4, per_shard=1000, side=256):
+def write_jpeg_shards(folder, num_shards=16, per_shard=250, side=256):
     """img2dataset's layout ({key}.jpg beside {key}.txt) of `side`-px JPEGs at quality 95
     of the built-in val scenes: what CC3M downloaded with --image_size 256 gives the
     loader to do. -> the shard pattern"""
@@ -254,6 +292,8 @@ def main():
         return time_loader(args, config)
     if args.retrieval:
         return time_retrieval(config)
+    if args.largest_batch:
+        return largest_batch(args, config, device)
     steps, params = {}, {}
     for name in args.compare or [args.loss]:
         if name == "open_clip":

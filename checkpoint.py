@@ -4,13 +4,12 @@ torch.load(weights_only=True): opening a checkpoint from someone else cannot run
 
     {"model", "objective_state", "optimizer": state dicts, "step": int,
      "args": train.py's flags, "model_config": ModelConfig fields, "objective": "xclip",
-     "rng": {"torch", "numpy", "python", "cuda"}, "skipped": bad samples so far, by reason}
+     "skipped": bad samples so far, by reason}
 """
 import os
-import random
+import threading
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from faults import DataError, NonFiniteLoss
@@ -19,52 +18,80 @@ from model import ModelConfig, TwoTowerModel
 KEYS = {"model", "optimizer", "step", "args", "model_config", "objective"}
 
 
-def save_checkpoint(path, trainee, step, flags, skip_counts=None):
-    """The training state of `trainee` (.model, .objective, .optimizer) after `step`
-    steps, with the run's `flags` (a dict). Written to a temporary file, then renamed: a
-    crash never leaves a half-written file, and a full disk leaves the previous
-    checkpoint as it was."""
-    checkpoint = {
-        "model": trainee.model.state_dict(),
-        "objective_state": trainee.objective.state_dict(),
-        "optimizer": trainee.optimizer.state_dict(),
-        "step": step,
-        "args": flags,
-        "model_config": asdict(trainee.model.config),
-        "objective": trainee.model.objective,
-        "rng": random_states(),
-        "skipped": skip_counts or {},
-    }
-    broken = non_finite_tensors(checkpoint["model"])
-    if broken:  # an update with a finite loss and gradient can still overflow the weights
-        raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
-                            f"({broken[0]}, ...); {path} is untouched. Try a lower --lr")
-    temporary = path + ".tmp"
-    try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise DataError(f"could not write {path} ({reason}); the previous checkpoint, if any, "
-                        "is untouched") from None
+class CheckpointWriter:
+    """Writes OUT_DIR/ckpt.pt in a background thread, so that training goes on while a
+    large checkpoint (a B/16 with its AdamW state: 2.4 GB) reaches the disk. `save`
+    copies the state to the host, the only pause, and returns; a write that failed
+    raises its DataError at the next `save` or at `wait`."""
+
+    def __init__(self, path, flags):
+        self.path, self.flags = path, flags  # flags: train.py's, saved with every checkpoint
+        self.thread, self.error = None, None
+
+    def save(self, trainee, step, skip_counts=None):
+        """The training state of `trainee` (.model, .objective, .optimizer) after `step`
+        steps, and the bad samples counted so far."""
+        self.wait()
+        checkpoint = {
+            "model": trainee.model.state_dict(),
+            "objective_state": trainee.objective.state_dict(),
+            "optimizer": trainee.optimizer.state_dict(),
+            "step": step,
+            "args": dict(self.flags),
+            "model_config": asdict(trainee.model.config),
+            "objective": trainee.model.objective,
+            "skipped": skip_counts or {},
+        }
+        broken = non_finite_tensors(checkpoint["model"])
+        if broken:  # an update with a finite loss and gradient can still overflow the weights
+            raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
+                                f"({broken[0]}, ...); {self.path} is untouched. Try a lower --lr")
+        self.thread = threading.Thread(target=self.write, args=(to_host(checkpoint),))
+        self.thread.start()
+
+    def write(self, checkpoint):
+        """To a temporary file, then renamed: a crash never leaves a half-written file,
+        and a full disk leaves the previous checkpoint as it was."""
+        temporary = self.path + ".tmp"
+        try:
+            torch.save(checkpoint, temporary)
+            os.replace(temporary, self.path)
+        except (OSError, RuntimeError) as error:  # torch.save says RuntimeError for a full disk
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            self.error = DataError(f"could not write {self.path} ({reason}); the previous "
+                                   "checkpoint, if any, is untouched")
+
+    def wait(self):
+        """Until the last checkpoint is on disk; its error, if it had one."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
-def random_states():
-    """Every generator a resumed run must continue, as tensors and plain values."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss,
-                   cached_gaussian)
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
-            "cuda": cuda}
+def to_host(value):
+    """A copy of `value` (nested dicts, lists, tuples of tensors and plain values) with
+    every tensor in host memory: the training goes on updating the originals."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(item) for item in value)
+    return value
 
 
 def non_finite_tensors(state_dict):
-    """Names of the floating-point tensors of a state_dict that hold a NaN or an infinity."""
-    return [name for name, tensor in state_dict.items()
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    """Names of the floating-point tensors of a state_dict that hold a NaN or an infinity
+    (one host sync when they are all finite)."""
+    floats = {name: tensor for name, tensor in state_dict.items() if tensor.is_floating_point()}
+    if not floats or torch.stack([tensor.isfinite().all() for tensor in floats.values()]).all():
+        return []
+    return [name for name, tensor in floats.items() if not tensor.isfinite().all()]
 
 
 def read_checkpoint(path):
@@ -117,19 +144,13 @@ def check_resumable(checkpoint, path, loss, config, global_batch):
 
 
 def restore_checkpoint(checkpoint, trainee):
-    """Load a training state into `trainee` (.model, .objective, .optimizer) and the
-    random generators; -> its step."""
+    """Load a training state into `trainee` (.model, .objective, .optimizer); -> its
+    step. No random generator state is kept: every stream a run draws from is seeded by
+    (--seed, rank, step or sample), so a resumed run on any number of GPUs draws what
+    the uninterrupted one would have."""
     trainee.model.load_state_dict(checkpoint["model"])
     trainee.objective.load_state_dict(checkpoint["objective_state"])
     trainee.optimizer.load_state_dict(checkpoint["optimizer"])
-    rng = checkpoint["rng"]
-    torch.set_rng_state(rng["torch"])
-    name, keys, position, has_gauss, cached_gaussian = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss,
-                         cached_gaussian))
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
     return checkpoint["step"]
 
 

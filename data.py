@@ -64,9 +64,12 @@ class Tokenizer:
         The text tower is causal and pools at the end-of-text token, so what it returns is
         unchanged; it computes only what it needs (captions of the built-in data fill 19 of
         its 24 positions at most, 8 on average; most web captions fill few of CLIP's 77)."""
+        return tokens[:, :self.padded_length(tokens)]
+
+    def padded_length(self, tokens):
+        """The columns up to the batch's last end-of-text token (what trim_padding keeps)."""
         is_end = tokens == self.eot_token_id
-        longest = int(is_end.int().argmax(dim=1).max()) + 1 if len(tokens) else 0
-        return tokens[:, :longest]
+        return int(is_end.int().argmax(dim=1).max()) + 1 if len(tokens) else 0
 
     def decode(self, tokens):  # one row -> the caption (truncated captions stay truncated)
         ids = tokens.tolist()

@@ -252,8 +252,13 @@ class PrototypeHead(nn.Module):
             self.register_buffer("running_center", torch.zeros(num_prototypes))
 
     def forward(self, features):  # (B, in_dim) -> bottleneck (B, bottleneck_dim), cosines (B, K)
-        bottleneck = F.normalize(self.mlp(features), dim=-1)
-        return bottleneck, bottleneck @ F.normalize(self.prototypes, dim=-1).t()
+        # In float32 under autocast too: the targets divide the cosines by tau_t = 0.02, which
+        # turns bf16's rounding of a cosine (up to 0.004) into 0.2 nats. The head is a few
+        # million multiply-adds a sample against the towers' billions.
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.to(torch.promote_types(features.dtype, torch.float32))
+            bottleneck = F.normalize(self.mlp(features), dim=-1)
+            return bottleneck, bottleneck @ F.normalize(self.prototypes, dim=-1).t()
 
     def center(self, cosines, update_running_center=True):
         """The prototype logits h(f): the cosines minus each prototype's mean over the

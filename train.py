@@ -15,6 +15,8 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import check_resumable, read_checkpoint, restore_checkpoint, save_checkpoint
+from checkpoint import CheckpointWriter, check_resumable, read_checkpoint, restore_checkpoint
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, ResumableSampler, TarShardStream,
                   Tokenizer, TrainTransform, expand_shards, make_loader, name_examples, normalize,
                   stream_seed)
@@ -136,8 +138,10 @@ def build_parser():
                       help="smallest area fraction of the random resized crop (default: 0.5, as "
                            "CLIP recipes use on photos; 0.8 on the synthetic data, whose objects "
                            "sit near edges)")
-    data.add_argument("--workers", type=non_negative_int, default=1,
-                      help="data-loader processes per rank")
+    data.add_argument("--workers", type=non_negative_int, default=None,
+                      help="data-loader processes per rank (default: the CPUs this process "
+                           "may use, shared among the node's ranks, less one for each rank; "
+                           "at most 16)")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="out",
                      help="checkpoints, log.jsonl and final_metrics.json go here")
@@ -153,6 +157,9 @@ def build_parser():
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                      help="bf16 autocast or fp32; auto picks bf16 on GPU, fp32 on CPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--dist-timeout", type=positive_int, default=60,
+                     help="minutes a rank waits for the others at a collective before the run "
+                          "fails (rank 0's --val-every evaluation included)")
     run.add_argument("--grad-checkpointing", action="store_true",
                      help="recompute transformer blocks in backward: less memory, more time")
     run.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
@@ -230,18 +237,39 @@ def model_config_problem(config):
 
 # ----------------------------------------------------------------------------------------- setup
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, timeout_minutes=60):
     """(rank, world_size, device) from the torchrun environment, or a single process."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = process_device(device_arg, int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # --precision fp32 on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
+    return rank, world_size, device
+
+
+def process_device(device_arg, local_rank=0, world_size=1):
+    """--device (default: cuda where there is one); a GPU is the one of LOCAL_RANK, so that
+    each rank of torchrun has its own."""
     device = device_arg or default_device()
     if device == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world_size, device
+        return f"cuda:{local_rank}"
+    if device.startswith("cuda") and world_size > 1:
+        raise DataError(f"--device {device} under torchrun: each rank takes the GPU of its "
+                        "LOCAL_RANK; pass --device cuda")
+    return device
+
+
+def default_workers():
+    """The --workers default: this process's CPUs shared among the node's ranks, less one
+    for each rank itself; at least 1, at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cpus // ranks_here - 1))
 
 
 def build_train_loader(args, tokenizer, image_size, rank=0, world_size=1, *, start_sample=0):
@@ -290,6 +318,14 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     autocast: Any
     grad_clip: float
+    compiled: bool = False
+
+    def forward(self, images, tokens):
+        """train_model's output, prototype cosines not yet centered (see forward_backward).
+        A compiled model sees the text length as dynamic: one graph for every length."""
+        if self.compiled and tokens.shape[1] > 1:
+            torch._dynamo.mark_dynamic(tokens, 1)
+        return self.train_model(images, tokens, raw_cosines=True)
 
 
 def build_trainee(args, device, world_size=1):
@@ -307,11 +343,18 @@ def build_trainee(args, device, world_size=1):
     if args.grad_checkpointing:
         model.enable_grad_checkpointing()
     optimizer = model.configure_optimizers(args.lr, args.wd, (args.beta1, args.beta2), args.eps)
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = distributed_model(model) if world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
     return Trainee(model, train_model, objective, optimizer,
-                   autocast_context(device, args.precision), args.grad_clip)
+                   autocast_context(device, args.precision), args.grad_clip, args.compile)
+
+
+def distributed_model(model):
+    """DDP as the step needs it. No buffer broadcast at each forward: the only buffers,
+    the heads' running centers, move by global means, the same on every rank. Gradients
+    are views of DDP's all-reduce buckets, not copies."""
+    return DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def resume(args, trainee):
@@ -343,24 +386,36 @@ def forward_backward(trainee, images, tokens, accum_freq=1):
     outputs, then each micro-batch is recomputed with gradient and scored together with
     the cached rest, so that CLIP keeps all its negatives and nCLIP's centering and
     ME-MAX see the whole batch. -> (loss, metrics)"""
+    # The prototype cosines are centered over the batch outside the module the step calls:
+    # its compiled graph then holds no collective.
     if accum_freq == 1:
         with trainee.autocast:
-            loss, metrics = trainee.objective(trainee.train_model(images, tokens))
+            out = trainee.forward(images, tokens)
+            loss, metrics = trainee.objective(trainee.model.center_cosines(out))
         loss.backward()
         return loss, metrics
     micro_batches = list(zip(images.chunk(accum_freq), tokens.chunk(accum_freq)))
     with torch.no_grad(), trainee.autocast:
-        cached = [trainee.train_model(i, t, raw_cosines=True) for i, t in micro_batches]
+        cached = [trainee.forward(i, t) for i, t in micro_batches]
     for j, (micro_images, micro_tokens) in enumerate(micro_batches):
         last = j == accum_freq - 1
         trainee.objective.train(last)  # state (DINO's center) moves once, after its last use
-        with trainee.autocast:
-            fresh = trainee.train_model(micro_images, micro_tokens, raw_cosines=True)
-            whole = concatenate_outputs(cached[:j] + [fresh] + cached[j + 1:], fresh, accum_freq)
-            whole = trainee.model.center_cosines(whole, update_running_center=last)
-            loss, metrics = trainee.objective(whole)
-        loss.backward()
+        with gradient_sync(trainee.train_model, last):
+            with trainee.autocast:
+                fresh = trainee.forward(micro_images, micro_tokens)
+                whole = concatenate_outputs(cached[:j] + [fresh] + cached[j + 1:], fresh,
+                                            accum_freq)
+                whole = trainee.model.center_cosines(whole, update_running_center=last)
+                loss, metrics = trainee.objective(whole)
+            loss.backward()
     return loss, metrics
+
+
+def gradient_sync(train_model, now):
+    """DDP all-reduces the gradients in the last micro-batch's backward only: the others
+    run under its no_sync() and add into the local gradients."""
+    no_sync = getattr(train_model, "no_sync", None)
+    return nullcontext() if now or no_sync is None else no_sync()
 
 
 def concatenate_outputs(outputs, fresh, accum_freq):
@@ -376,6 +431,15 @@ def concatenate_outputs(outputs, fresh, accum_freq):
         elif values[0] is not None:
             setattr(whole, field.name, torch.cat(values))
     return whole
+
+
+def batch_to_device(images, tokens, tokenizer, device):
+    """The batch on `device`: the uint8 images normalized there, the text cut after the
+    batch's longest caption (the same features, less to compute). Both copies are of
+    whole pinned tensors, so they overlap with the step before."""
+    length = tokenizer.padded_length(tokens)  # on the host: no wait for the device
+    images = normalize(images.to(device, non_blocking=True))
+    return images, tokens.to(device, non_blocking=True)[:, :length]
 
 
 def train_step(trainee, images, tokens, on_nonfinite="stop", accum_freq=1):
@@ -552,7 +616,7 @@ def validation_metrics(model, tokenizer, args, device):
     if args.zeroshot_data:
         name = dataset_name(args.zeroshot_data)
         accuracy = folder_zero_shot(model, tokenizer, args.zeroshot_data, device,
-                                    classnames_file=args.classnames, workers=0)
+                                    classnames_file=args.classnames, workers=args.workers)
         return {f"zeroshot/{name}/{key}": value for key, value in accuracy.items()}
     score = synthetic_evaluation if args.val_probe else synthetic_zero_shot
     return score(model, tokenizer, device, num_samples=args.val_samples, seed=args.seed,
@@ -585,32 +649,33 @@ def final_evaluation(model, tokenizer, args, device, log):
 
 # ------------------------------------------------------------------------------------- the loop
 
-def save(trainee, step, args, log):
-    """Rank 0 writes OUT_DIR/ckpt.pt, unless a step since the last log line was not
-    finite: its update is in the weights. -> whether it wrote."""
+def save(writer, trainee, step, log):
+    """Rank 0 saves, unless a step since the last log line was not finite: its update is
+    in the weights. -> whether it saved."""
     if not log.is_main or log.saw_nonfinite():
         return False
-    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), trainee, step, vars(args),
-                    log.skip_counts())
+    writer.save(trainee, step, log.skip_counts())
     return True
 
 
-def save_and_stop(trainee, step, args, log, stop):
+def save_and_stop(writer, trainee, step, log, stop):
     """Ctrl-C or SIGTERM reached some rank: keep what was learned, then exit."""
-    if save(trainee, step, args, log):
-        print(f"\nstopped by a signal: saved step {step} to {args.out_dir}/ckpt.pt; continue "
-              "with --resume", file=sys.stderr)
+    if save(writer, trainee, step, log):
+        writer.wait()
+        print(f"\nstopped by a signal: saved step {step} to {writer.path}; continue with "
+              "--resume", file=sys.stderr)
     stop.exit()
 
 
 def train(args, stop):
     """Set up from the flags, then one loop: schedule, batch, step, log, evaluate, save,
     stop; then the final checkpoint and evaluation. `stop`: a faults.StopRequest."""
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device, args.dist_timeout)
     trainee = build_trainee(args, device, world_size)
     model = trainee.model
     args.global_batch = args.batch_size * args.accum_freq * world_size
     start_step, skip_counts = resume(args, trainee)
+    writer = CheckpointWriter(os.path.join(args.out_dir, "ckpt.pt"), vars(args))
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
     tokenizer = Tokenizer(model.config.context_length)
     batches = iter(build_train_loader(args, tokenizer, model.config.image_size, rank, world_size,
@@ -631,29 +696,27 @@ def train(args, stop):
         try:
             images, tokens, skipped = next(batches)
         except StopRequested:  # data that may never come: save now
-            save_and_stop(trainee, step, args, log, stop)
+            save_and_stop(writer, trainee, step, log, stop)
         stop.phase = "training"
-        if not args.compile:  # the same features, less to compute; a compiled graph
-            tokens = tokenizer.trim_padding(tokens)  # keeps one length, compiled once
-        images = normalize(images.to(device, non_blocking=True))  # uint8 until here
-        tokens = tokens.to(device, non_blocking=True)
+        images, tokens = batch_to_device(images, tokens, tokenizer, device)
         log.add(train_step(trainee, images, tokens, args.on_nonfinite, args.accum_freq), skipped)
         bar.update(1)
         done = step + 1
         # one process can stop at any step; ranks agree at log lines
         if done % args.log_every == 0 or done == args.steps or (world_size == 1 and stop.signal):
             if log.write(done, lr, model.head_norms(), stop.signal is not None):
-                save_and_stop(trainee, done, args, log, stop)
+                save_and_stop(writer, trainee, done, log, stop)
         if args.val_every and done % args.val_every == 0:
             evaluate_during_training(model, tokenizer, args, log, done)
         if done % args.save_every == 0 and done < args.steps:
-            save(trainee, done, args, log)
+            save(writer, trainee, done, log)
     bar.close()
     if start_step >= args.steps and log.is_main:
         print(f"{args.resume} is at step {start_step}, --steps is {args.steps}: nothing to "
               "train; evaluating it", flush=True)
     elif start_step < args.steps:
-        save(trainee, args.steps, args, log)
+        save(writer, trainee, args.steps, log)
+    writer.wait()
     if stop.signal is not None:  # it came during the last step or the save: both are done
         stop.exit()
     stop.phase = "evaluating"  # the checkpoint is written: a signal may now end the run at once
@@ -678,6 +741,8 @@ def main():
         if args.resume == "latest":
             latest = os.path.join(args.out_dir, "ckpt.pt")
             args.resume = latest if os.path.isfile(latest) else None
+        if args.workers is None:
+            args.workers = default_workers()
         if int(os.environ.get("RANK", 0)) == 0:
             take_out_dir(args.out_dir)
         stop = StopRequest()

@@ -13,43 +13,46 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
-from conftest import ROOT, SMALL_MODEL, small_config, write_tar_shards
+from conftest import MINI, ROOT, SMALL_MODEL, small_config, write_tar_shards
+from faults import DataError
 from losses import Objective
 from model import TwoTowerModel
-from train import Trainee, forward_backward
+from train import Trainee, distributed_model, forward_backward, process_device
 GLOBAL_BATCH, EOT = 8, 999  # the small config's end-of-text token
 
 
-def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1, accum_freq=1):
+def loss_and_gradients(objective_name, local_loss=False, rank=0, world_size=1, accum_freq=1,
+                       device="cpu"):
     """This rank's share of one fixed global batch: the loss averaged over ranks, and
-    the parameter gradients as DDP leaves them; with accum_freq, in that many
+    the parameter gradients as DDP leaves them (on the CPU); with accum_freq, in that many
     micro-batches (train.py's --accum-freq)."""
     torch.manual_seed(0)
     # float64: the nCLIP gradients reach the hundreds at this size, where float32 rounding
     # alone differs between a sum over 8 rows and two sums over 4.
-    model = TwoTowerModel(small_config(), objective_name).double()
+    model = TwoTowerModel(small_config(), objective_name).double().to(device)
     objective = Objective(objective_name, num_prototypes=16, local_loss=local_loss)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator, dtype=torch.float64)
     tokens = torch.randint(0, EOT, (GLOBAL_BATCH, 8), generator=generator)
     tokens[:, 5] = EOT
+    images, tokens = images.to(device), tokens.to(device)
     local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
-    trained = DistributedDataParallel(model) if world_size > 1 else model
+    trained = distributed_model(model) if world_size > 1 else model
     trainee = Trainee(model, trained, objective, None, nullcontext(), 1.0)
     loss, _ = forward_backward(trainee, images[local], tokens[local], accum_freq)
     loss = loss.detach()
     if world_size > 1:
         dist.all_reduce(loss)
         loss /= world_size
-    return loss, {name: p.grad for name, p in model.named_parameters()}
+    return loss.cpu(), {name: p.grad.cpu() for name, p in model.named_parameters()}
 
 
-def rank_main(rank, world_size, port, objective_name, local_loss, result_path, accum_freq=1):
+def rank_main(rank, world_size, port, objective_name, local_loss, result_path, accum_freq=1,
+              device="cpu"):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
-    result = loss_and_gradients(objective_name, local_loss, rank, world_size, accum_freq)
+    result = loss_and_gradients(objective_name, local_loss, rank, world_size, accum_freq, device)
     if rank == 0:
         torch.save(result, result_path)
     gc.collect()  # free DDP's reducer now, not during interpreter teardown, where gloo can abort
@@ -139,3 +142,44 @@ def test_torchrun_two_ranks_on_tar_shards_with_bad_samples(tmp_path):
             f"bad_caption {metrics['skipped/bad_caption']:.0f}, bad_shard 0") in result.stdout
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         assert len(f.readlines()) == 4
+
+
+def torchrun(*flags, nproc=2, timeout=600, env=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "train.py", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_torchrun_compiles_with_checkpointing_and_accumulation_without_graph_breaks(tmp_path):
+    """torch.compile over DDP, activation checkpointing and accumulation on two gloo ranks:
+    the model compiles without a graph break, and after the first step nothing compiles
+    again (two graphs of the model: the cached pass without gradient and the one with)."""
+    result = torchrun(*MINI, "--compile", "--grad-checkpointing", "--accum-freq", "2",
+                      "--steps", "3", "--log-every", "1", "--out-dir", str(tmp_path),
+                      env={"TORCH_LOGS": "graph_breaks,recompiles"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_py = os.path.join(ROOT, "model.py")
+    assert f"Graph break in user code at {model_py}" not in result.stderr
+    assert "size mismatch" not in result.stderr  # the text length is dynamic from the start
+    with open(tmp_path / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if "loss" in line] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_global_batch(tmp_path):
+    out_dir = ["--log-every", "2", "--out-dir", str(tmp_path)]
+    two_ranks = torchrun(*MINI, "--batch-size", "8", "--steps", "4", *out_dir)
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    one_rank = subprocess.run([sys.executable, "train.py", *MINI, "--batch-size", "16",
+                               "--steps", "6", "--resume", "latest", *out_dir],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one_rank.returncode == 0, one_rank.stderr[-3000:]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank():
+    assert process_device("cuda", local_rank=3, world_size=8) == "cuda:3"
+    assert process_device("cuda:1", local_rank=0, world_size=1) == "cuda:1"
+    assert process_device("cpu", local_rank=3, world_size=8) == "cpu"
+    with pytest.raises(DataError, match="pass --device cuda"):
+        process_device("cuda:1", local_rank=3, world_size=8)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import train
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointWriter
 from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
 
 def assert_one_line_error(result, message, code=2):
@@ -260,10 +260,11 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_
             f.write(b"partial")
         raise OSError(28, "No space left on device")
     args = train.build_parser().parse_args(MINI)
-    trainee = train.build_trainee(args, "cpu")
+    writer = CheckpointWriter(path, vars(args))
     monkeypatch.setattr(torch, "save", no_space)
+    writer.save(train.build_trainee(args, "cpu"), 3)  # written in the background
     with pytest.raises(data.DataError, match="No space left on device"):
-        save_checkpoint(path, trainee, 3, vars(args))
+        writer.wait()
     assert (tmp_path / "ckpt.pt").read_bytes() == b"previous"
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 

@@ -190,3 +190,17 @@ def test_only_the_normalized_conv_stem_starts_with_patches_that_outweigh_the_pos
     image_dependent = (patches - patches.mean(dim=0)).std()
     positions = tower.position_embedding.std()
     assert (image_dependent > positions) == normalize
+
+
+def test_nclip_targets_under_bf16_autocast_equal_float32_ones():
+    """The prototype head runs in float32 under autocast: the sharpened targets divide the
+    cosines by tau_t, where bf16's rounding would move them by tenths of a nat."""
+    model = small_model("nclip")
+    features = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+
+    def targets():
+        _, cosines = model.image_head(features)
+        return torch.softmax((cosines - cosines.mean(dim=0)) / 0.02, dim=-1)
+    with torch.autocast("cpu", torch.bfloat16):
+        under_autocast = targets()
+    assert (under_autocast - targets()).abs().max() < 1e-3

@@ -5,17 +5,22 @@ torch.load(weights_only=True): opening a checkpoint from someone else cannot run
     {"model", "objective_state", "optimizer": state dicts, "step": int,
      "args": train.py's flags, "model_config": ModelConfig fields, "objective": "xclip",
      "skipped": bad samples so far, by reason}
+
+Written with --no-save-optimizer, a checkpoint has no "optimizer" (a third of the size):
+it evaluates and starts runs (--init-from) but does not resume one.
 """
 import os
+import shutil
 import threading
 from dataclasses import asdict
 
 import torch
 
+from data import EvalTransform, Tokenizer, normalize
 from faults import DataError, NonFiniteLoss
 from model import ModelConfig, TwoTowerModel
 
-KEYS = {"model", "optimizer", "step", "args", "model_config", "objective"}
+KEYS = {"model", "step", "args", "model_config", "objective"}
 
 
 class CheckpointWriter:
@@ -24,37 +29,52 @@ class CheckpointWriter:
     copies the state to the host, the only pause, and returns; a write that failed
     raises its DataError at the next `save` or at `wait`."""
 
-    def __init__(self, path, flags):
+    def __init__(self, path, flags, save_optimizer=True):
         self.path, self.flags = path, flags  # flags: train.py's, saved with every checkpoint
+        self.save_optimizer = save_optimizer
         self.thread, self.error = None, None
 
-    def save(self, trainee, step, skip_counts=None):
+    def save(self, trainee, step, skip_counts=None, keep=False):
         """The training state of `trainee` (.model, .objective, .optimizer) after `step`
-        steps, and the bad samples counted so far."""
+        steps, and the bad samples counted so far. With `keep`, the file stays also as
+        ckpt_<step>.pt beside the path, which the next save replaces."""
         self.wait()
         checkpoint = {
             "model": trainee.model.state_dict(),
             "objective_state": trainee.objective.state_dict(),
-            "optimizer": trainee.optimizer.state_dict(),
             "step": step,
             "args": dict(self.flags),
             "model_config": asdict(trainee.model.config),
             "objective": trainee.model.objective,
             "skipped": skip_counts or {},
         }
+        if self.save_optimizer:
+            checkpoint["optimizer"] = trainee.optimizer.state_dict()
         broken = non_finite_tensors(checkpoint["model"])
         if broken:  # an update with a finite loss and gradient can still overflow the weights
             raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
                                 f"({broken[0]}, ...); {self.path} is untouched. Try a lower --lr")
-        self.thread = threading.Thread(target=self.write, args=(to_host(checkpoint),))
+        kept = self.kept_path(step) if keep else None
+        self.thread = threading.Thread(target=self.write, args=(to_host(checkpoint), kept))
         self.thread.start()
 
-    def write(self, checkpoint):
+    def kept_path(self, step):
+        return os.path.join(os.path.dirname(self.path), f"ckpt_{step}.pt")
+
+    def write(self, checkpoint, kept=None):
         """To a temporary file, then renamed: a crash never leaves a half-written file,
-        and a full disk leaves the previous checkpoint as it was."""
+        and a full disk leaves the previous checkpoint as it was. A kept copy is a hard
+        link to the same file (a copy where the file system has none)."""
         temporary = self.path + ".tmp"
         try:
             torch.save(checkpoint, temporary)
+            if kept:
+                if os.path.exists(kept):
+                    os.remove(kept)
+                try:
+                    os.link(temporary, kept)
+                except OSError:
+                    shutil.copyfile(temporary, kept)
             os.replace(temporary, self.path)
         except (OSError, RuntimeError) as error:  # torch.save says RuntimeError for a full disk
             if os.path.exists(temporary):
@@ -120,6 +140,10 @@ def check_resumable(checkpoint, path, loss, config, global_batch):
     which decides the data order, must be the checkpoint's: name the first that differs
     and the flags to pass."""
     saved = checkpoint["args"]
+    if "optimizer" not in checkpoint:
+        raise DataError(f"{path} holds no optimizer state (written with --no-save-optimizer): "
+                        f"it cannot be resumed; start a new run from its weights with "
+                        f"--init-from {path}")
     if checkpoint["objective"] != loss:
         raise DataError(f"{path} was trained with --loss {checkpoint['objective']}; pass "
                         f"--loss {checkpoint['objective']}")
@@ -152,6 +176,39 @@ def restore_checkpoint(checkpoint, trainee):
     trainee.objective.load_state_dict(checkpoint["objective_state"])
     trainee.optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint["step"]
+
+
+def initialize_from(checkpoint, path, model):
+    """Load the weights of a checkpoint (train.py's, or interop.py's import of CLIP
+    weights) into a new model of the same towers; what the model has and the checkpoint
+    lacks (the nCLIP heads of a CLIP checkpoint) keeps its fresh initialization. -> the
+    names of those parts and of the checkpoint's parts the model does not use."""
+    state = model.state_dict()
+    weights = checkpoint["model"]
+    for name, tensor in weights.items():
+        if name in state and state[name].shape != tensor.shape:
+            raise DataError(f"{path}: {name} has shape {tuple(tensor.shape)}, this model's "
+                            f"{tuple(state[name].shape)}")
+    result = model.load_state_dict(weights, strict=False)
+    return module_names(result.missing_keys), module_names(result.unexpected_keys)
+
+
+def module_names(keys):
+    """'image_head' for image_head.mlp.0.weight, ...: the top-level modules of state keys."""
+    return sorted({key.split(".")[0] for key in keys})
+
+
+def load(path, device="cpu"):
+    """A trained model for a notebook, as open_clip's create_model_and_transforms gives:
+    (model, preprocess, tokenizer). preprocess takes a PIL image to a normalized float
+    tensor (3, H, W); tokenizer takes a list of captions to a (N, context_length) tensor;
+    model.encode_image / encode_text give CLIP's embeddings.
+
+        from checkpoint import load
+        model, preprocess, tokenizer = load("runs/xclip/ckpt.pt")"""
+    model, _ = load_model(path, device)
+    transform = EvalTransform(model.config.image_size)
+    return model, lambda image: normalize(transform(image)), Tokenizer(model.config.context_length)
 
 
 def load_model(path, device):

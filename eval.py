@@ -1,18 +1,21 @@
-"""Evaluation: zero-shot classification, image-text retrieval and the linear probe, on
-image folders and caption files or on the built-in data. One command line for all.
+r"""Evaluation: zero-shot classification, image-text retrieval, the linear and kNN probes,
+on image folders and caption files or on the built-in data. One command line for all.
 
-    python eval.py zeroshot --checkpoint CKPT --data imagenet/val --classnames names.txt
+    python eval.py zeroshot --checkpoint CKPT --data imagenet/val --classnames imagenet \
+        --templates openai
     python eval.py retrieval --checkpoint CKPT --data coco_5k.csv
     python eval.py linear-probe --checkpoint CKPT --train-data cifar/train --test-data cifar/test
-    python eval.py synthetic --checkpoint CKPT     # all three on the built-in val data
+    python eval.py knn --checkpoint CKPT --train-data cifar/train --test-data cifar/test
+    python eval.py synthetic --checkpoint CKPT     # all of them on the built-in val data
 
 Every function below the command line's takes explicit arguments: call them from a
-notebook with a model from checkpoint.load_model.
+notebook with a model from checkpoint.load.
 """
 import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -35,6 +38,13 @@ from synthetic import COLORS, SHAPES, object_labels, scored_scenes, with_article
 DEFAULT_TEMPLATES = ("a photo of a {}.", "itap of a {}.", "a bad photo of the {}.",
                      "a origami {}.", "a photo of the large {}.", "a {} in a video game.",
                      "art of the {}.", "a photo of the small {}.")
+# Lists that ship in prompts/: ImageNet's 1000 class names and the 80 prompt templates that
+# CLIP's authors published (CLIP's notebook Prompt_Engineering_for_ImageNet.ipynb; the same
+# lists as open_clip's zero_shot_metadata.py and clip_benchmark's imagenet1k).
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+NAMED_CLASSNAMES = {"imagenet": os.path.join(PROMPTS, "imagenet_classnames.txt")}
+NAMED_TEMPLATES = {"openai": os.path.join(PROMPTS, "openai_imagenet_templates.txt")}
+WORDNET_ID = re.compile(r"n\d{8}")
 RECALL_AT = (1, 5, 10)
 L2_GRID = tuple(10.0 ** k for k in range(-6, 3))
 
@@ -204,6 +214,36 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, l2
     return {"top1": top1, "l2": best_l2, **sweep_metrics}
 
 
+# --------------------------------------------------------------------------------------- kNN probe
+
+def knn_probe(train_features, train_labels, test_features, test_labels, *, k=20,
+              temperature=0.07, block_size=1024):
+    """DINO's weighted k-nearest-neighbour classifier (Wu et al. 2018; DINO's eval_knn.py),
+    how self-supervised features are usually judged beside the linear probe: features
+    L2-normalized, each test image's k most cosine-similar training images vote for
+    their class with weight exp(cos / temperature). No fitting, no hyperparameter sweep.
+    -> {"top1", "top5"} (top5 only with at least 5 classes)"""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    train_features = F.normalize(train_features.float(), dim=-1)
+    test_features = F.normalize(test_features.float(), dim=-1)
+    k = min(k, len(train_features))
+    hits = []
+    for start in range(0, len(test_features), block_size):
+        similarity = test_features[start:start + block_size] @ train_features.t()
+        nearest_similarity, nearest = similarity.topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(len(similarity), num_classes)
+        votes.scatter_add_(1, train_labels[nearest], (nearest_similarity / temperature).exp())
+        # the first of tied classes wins, as in scikit-learn's KNeighborsClassifier
+        ranked = torch.cat([votes.argmax(dim=1, keepdim=True),
+                            votes.topk(min(5, num_classes), dim=1).indices], dim=1)
+        hits.append(ranked == test_labels[start:start + block_size, None])
+    hits = torch.cat(hits)
+    metrics = {"top1": hits[:, 0].double().mean().item()}
+    if num_classes >= 5:
+        metrics["top5"] = hits.any(dim=1).double().mean().item()
+    return metrics
+
+
 # -------------------------------------------------------------------------- folders, caption files
 
 def readable_image_features(model, paths, device, *, projected=True, batch_size=256, workers=0,
@@ -224,9 +264,19 @@ def folder_zero_shot(model, tokenizer, root, device, *, classnames_file=None,
                      templates_file=None, batch_size=256, workers=0):
     """Zero-shot top-1 and top-5 on an ImageNet-style folder ROOT/<class>/<image>, the
     classes named by the folders or by `classnames_file` (one per line, in sorted
-    folder order), prompted with DEFAULT_TEMPLATES or the lines of `templates_file`."""
+    folder order; "imagenet" for ImageNet's), prompted with DEFAULT_TEMPLATES or the
+    lines of `templates_file` ("openai" for CLIP's 80)."""
     folders, samples = read_image_folder(root)
-    classnames = read_lines(classnames_file, len(folders)) if classnames_file else folders
+    if classnames_file:
+        classnames = read_lines(NAMED_CLASSNAMES.get(classnames_file, classnames_file),
+                                len(folders))
+    elif all(WORDNET_ID.fullmatch(folder) for folder in folders):
+        raise DataError(f"{root}: the class folders are WordNet ids ({folders[0]}, ...), which "
+                        "make prompts no caption reads like; pass --classnames imagenet for "
+                        "ImageNet's 1000 classes, or a file of class names")
+    else:
+        classnames = folders
+    templates_file = NAMED_TEMPLATES.get(templates_file, templates_file)
     templates = read_lines(templates_file) if templates_file else DEFAULT_TEMPLATES
     bad = [template for template in templates if "{}" not in template]
     if bad:
@@ -291,11 +341,13 @@ def cached_tower_features(model, root, device, *, cache=None, batch_size=256, wo
     return folders, features, labels[kept], len(paths) - len(kept)
 
 
-def folder_linear_probe(model, train_root, test_root, device, *, l2_grid=L2_GRID,
-                        feature_cache=None, checkpoint_path=None, batch_size=256, workers=0):
-    """The linear probe on f_v of two image folders with the same class folders.
-    With `feature_cache` (a folder) the features of `checkpoint_path`'s model are kept
-    there and reused while checkpoint file and folder path are the same."""
+def folder_probe(model, train_root, test_root, device, *, probe="linear", l2_grid=L2_GRID,
+                 k=20, temperature=0.07, feature_cache=None, checkpoint_path=None,
+                 batch_size=256, workers=0):
+    """The linear probe (`probe` "linear") or the kNN probe ("knn") on f_v of two image
+    folders with the same class folders. With `feature_cache` (a folder) the features
+    of `checkpoint_path`'s model are kept there and reused while checkpoint file and
+    folder path are the same."""
     splits = {}
     for split, root in (("train", train_root), ("test", test_root)):
         cache = feature_cache and feature_cache_path(feature_cache, checkpoint_path, root)
@@ -305,9 +357,13 @@ def folder_linear_probe(model, train_root, test_root, device, *, l2_grid=L2_GRID
     (test_classes, test_features, test_labels, test_skipped) = splits["test"]
     if train_classes != test_classes:
         raise DataError(f"{train_root} and {test_root} have different class folders")
-    probe = linear_probe(train_features, train_labels, test_features, test_labels,
-                         l2_grid=l2_grid, device=device)
-    return {**probe, "train_images": len(train_labels), "test_images": len(test_labels),
+    if probe == "knn":
+        result = knn_probe(train_features, train_labels, test_features, test_labels, k=k,
+                           temperature=temperature)
+    else:
+        result = linear_probe(train_features, train_labels, test_features, test_labels,
+                              l2_grid=l2_grid, device=device)
+    return {**result, "train_images": len(train_labels), "test_images": len(test_labels),
             "skipped_images": train_skipped + test_skipped}
 
 
@@ -371,8 +427,8 @@ def flat_metrics(tasks):
 def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
                          num_heldout_pairs=4, batch_size=256):
     """All three tasks on the built-in data: zero-shot (synthetic_zero_shot), retrieval
-    with the val captions, and shape and color linear probes on f_v, fit on train-split
-    and scored on val-split single-object images. `seed` and `num_heldout_pairs` are
+    with the val captions, and shape and color linear and kNN probes on f_v, fit on
+    train-split and scored on val-split single-object images. `seed` and `num_heldout_pairs` are
     those of the training run (train.py's --seed, --synthetic-heldout-pairs)."""
     size = model.config.image_size
     metrics = synthetic_zero_shot(model, tokenizer, device, num_samples=num_samples, seed=seed,
@@ -392,6 +448,8 @@ def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
                   for split, scenes in single.items()}
         tasks[f"linear_probe/synthetic_{attribute}"] = linear_probe(
             features["train"], labels["train"], features["val"], labels["val"], device=device)
+        tasks[f"knn/synthetic_{attribute}"] = knn_probe(features["train"], labels["train"],
+                                                        features["val"], labels["val"])
     metrics.update(flat_metrics(tasks))
     return metrics
 
@@ -440,11 +498,11 @@ def build_parser():
     zeroshot.add_argument("--data", required=True,
                           help="ImageNet-style folder: DATA/<class>/<image>")
     zeroshot.add_argument("--classnames",
-                          help="class names, one per line, in sorted class-folder order "
-                               "(default: the folder names)")
+                          help="class names, one per line, in sorted class-folder order; "
+                               "'imagenet' for ImageNet's 1000 (default: the folder names)")
     zeroshot.add_argument("--templates",
-                          help="prompt templates, one per line, {} for the class name "
-                               "(default: 8 of CLIP's ImageNet templates)")
+                          help="prompt templates, one per line, {} for the class name; "
+                               "'openai' for CLIP's 80 (default: 8 of those)")
     retrieval = tasks.add_parser("retrieval", parents=[common],
                                  help="image<->text retrieval on captioned images")
     retrieval.add_argument("--data", required=True,
@@ -454,24 +512,30 @@ def build_parser():
     retrieval.add_argument("--csv-caption-key", default="title", help="column of the captions")
     retrieval.add_argument("--csv-separator", default=None,
                            help="CSV separator (default: tab for .tsv, else comma)")
-    probe = tasks.add_parser("linear-probe", parents=[common],
-                             help="logistic regression on frozen image features")
-    probe.add_argument("--train-data", required=True,
-                       help="ImageNet-style folder of training images")
-    probe.add_argument("--test-data", required=True,
-                       help="folder of test images, the same class folders")
+    probes = argparse.ArgumentParser(add_help=False)
+    probes.add_argument("--train-data", required=True,
+                        help="ImageNet-style folder of training images")
+    probes.add_argument("--test-data", required=True,
+                        help="folder of test images, the same class folders")
+    probes.add_argument("--feature-cache", default=None,
+                        help="folder for .npy image features, reused while checkpoint and "
+                             "folder path are the same")
+    probe = tasks.add_parser("linear-probe", parents=[common, probes],
+                             help="logistic regression on frozen image features f_v")
     probe.add_argument("--l2-grid", type=positive_float, nargs="+", default=L2_GRID,
                        help="L2 strengths to sweep on 20%% of the training images "
                             "(C = 1 / (l2 N) in scikit-learn)")
-    probe.add_argument("--feature-cache", default=None,
-                       help="folder for .npy image features, reused while checkpoint and "
-                            "folder path are the same")
-    for task in (zeroshot, retrieval, probe):
+    knn = tasks.add_parser("knn", parents=[common, probes],
+                           help="DINO's weighted kNN classifier on frozen image features f_v")
+    knn.add_argument("--k", type=positive_int, default=20, help="neighbours that vote (DINO: 20)")
+    knn.add_argument("--temperature", type=positive_float, default=0.07,
+                     help="a neighbour's vote is exp(cosine / temperature) (DINO: 0.07)")
+    for task in (zeroshot, retrieval, probe, knn):
         task.add_argument("--name", default=None,
                           help="dataset name in the metric keys (default: from the path)")
     synthetic = tasks.add_parser("synthetic", parents=[common],
-                                 help="zero-shot, retrieval and linear probes on the built-in "
-                                      "val data, as train.py runs them at its end")
+                                 help="zero-shot, retrieval, linear and kNN probes on the "
+                                      "built-in val data, as train.py runs them at its end")
     synthetic.add_argument("--val-samples", type=positive_int, default=1000,
                            help="synthetic images per task")
     return parser
@@ -488,7 +552,8 @@ def run_task(args, model, checkpoint):
                                        num_heldout_pairs=trained["synthetic_heldout_pairs"],
                                        batch_size=args.batch_size)
         return metrics, "eval_synthetic.json"
-    name = args.name or dataset_name(args.test_data if args.task == "linear-probe" else args.data)
+    probing = args.task in ("linear-probe", "knn")
+    name = args.name or dataset_name(args.test_data if probing else args.data)
     if args.task == "zeroshot":
         results = folder_zero_shot(model, tokenizer, args.data, args.device,
                                    classnames_file=args.classnames,
@@ -497,10 +562,15 @@ def run_task(args, model, checkpoint):
         results = caption_retrieval(model, tokenizer, args.data, args.device,
                                     image_key=args.csv_img_key, caption_key=args.csv_caption_key,
                                     separator=args.csv_separator, **loading)
+    elif args.task == "knn":
+        results = folder_probe(model, args.train_data, args.test_data, args.device, probe="knn",
+                               k=args.k, temperature=args.temperature,
+                               feature_cache=args.feature_cache, checkpoint_path=args.checkpoint,
+                               **loading)
     else:
-        results = folder_linear_probe(model, args.train_data, args.test_data, args.device,
-                                      l2_grid=args.l2_grid, feature_cache=args.feature_cache,
-                                      checkpoint_path=args.checkpoint, **loading)
+        results = folder_probe(model, args.train_data, args.test_data, args.device,
+                               l2_grid=args.l2_grid, feature_cache=args.feature_cache,
+                               checkpoint_path=args.checkpoint, **loading)
     prefix = f"{args.task.replace('-', '_')}/{name}"
     metrics = {f"{prefix}/{key}": value for key, value in results.items()}
     return metrics, f"eval_{args.task}_{name}.json"

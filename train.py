@@ -17,20 +17,23 @@ import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from checkpoint import CheckpointWriter, check_resumable, read_checkpoint, restore_checkpoint
-from data import (RANKS, SKIP_REASONS, CaptionTableDataset, ResumableSampler, TarShardStream,
-                  Tokenizer, TrainTransform, expand_shards, make_loader, name_examples, normalize,
-                  stream_seed)
-from eval import (HEADLINE_METRICS, dataset_name, folder_zero_shot, synthetic_evaluation,
-                  synthetic_zero_shot)
+from checkpoint import (CheckpointWriter, check_resumable, initialize_from, read_checkpoint,
+                        restore_checkpoint)
+from data import (RANKS, SKIP_REASONS, CaptionTableDataset, EvalTransform, ResumableSampler,
+                  TarShardStream, Tokenizer, TrainTransform, expand_shards, make_loader,
+                  name_examples, normalize, stream_seed)
+from distributed import all_reduce_sum
+from eval import (HEADLINE_METRICS, NAMED_CLASSNAMES, caption_retrieval, dataset_name,
+                  folder_zero_shot, synthetic_evaluation, synthetic_zero_shot)
 from faults import (DataError, NonFiniteLoss, OneLineErrorParser, StopRequest, StopRequested,
                     below_one, device_name, fail, fraction, non_negative_float,
                     non_negative_int, positive_float, positive_int, take_out_dir,
@@ -125,6 +128,10 @@ def build_parser():
                       help="caption table column with the caption")
     data.add_argument("--csv-separator", default=None,
                       help="caption table separator (default: tab for .tsv, else comma)")
+    data.add_argument("--val-data", default=None,
+                      help="caption table (.csv/.tsv/.jsonl) of held-out pairs: at --val-every, "
+                           "the validation loss and both retrieval recalls, logged under the "
+                           "keys of eval.py retrieval (open_clip's --val-data)")
     data.add_argument("--shuffle-buffer", type=positive_int, default=1000,
                       help="tar shards: samples held per loader worker to shuffle within")
     data.add_argument("--synthetic-loose-fraction", type=fraction, default=0.15,
@@ -145,6 +152,11 @@ def build_parser():
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="out",
                      help="checkpoints, log.jsonl and final_metrics.json go here")
+    run.add_argument("--init-from", default=None, metavar="CKPT",
+                     help="start from this checkpoint's weights (train.py's, or CLIP weights "
+                          "brought in by interop.py import) at step 0 with a fresh optimizer; "
+                          "its architecture replaces --model's; what it lacks (a CLIP "
+                          "checkpoint's nCLIP heads) starts fresh, and is printed")
     run.add_argument("--resume", default=None,
                      help="checkpoint to continue from; 'latest': OUT_DIR/ckpt.pt if there is "
                           "one, else start fresh (resubmit a preempted job unchanged)")
@@ -169,6 +181,12 @@ def build_parser():
     run.add_argument("--save-every", type=positive_int, default=100,
                      help="steps between checkpoints (each replaces the last): what a crash "
                           "can cost")
+    run.add_argument("--keep-every", type=non_negative_int, default=0,
+                     help="steps between checkpoints kept as OUT_DIR/ckpt_<step>.pt beside the "
+                          "rolling ckpt.pt (0: keep none)")
+    run.add_argument("--save-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the AdamW state with the weights (needed to --resume; "
+                          "--no-save-optimizer writes a third of the bytes)")
     run.add_argument("--val-samples", type=positive_int, default=1000,
                      help="synthetic val images per eval task")
     run.add_argument("--val-every", type=non_negative_int, default=0,
@@ -183,30 +201,44 @@ def build_parser():
                           "(open_clip's --imagenet-val)")
     run.add_argument("--classnames", default=None,
                      help="class names for --zeroshot-data, one per line in sorted folder "
-                          "order (default: the folder names)")
+                          "order; 'imagenet' for ImageNet's (default: the folder names)")
     return p
 
 
 def model_config_from_args(args):
-    """The --model preset with every model-field flag that was given."""
+    """The --model preset, or --init-from's architecture, with every model-field flag
+    that was given."""
     overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
+    if args.init_from:
+        saved = ModelConfig(**read_checkpoint(args.init_from)["model_config"])
+        return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
     return model_config(args.model, **overrides)
 
 
 def check_flags(args):
     """What argparse types cannot see alone: files, flags that go together, head counts,
     held-out pairs. -> the first problem, as a one-line message, or None."""
-    if args.val_every and args.train_data != "synthetic" and not args.zeroshot_data:
+    if args.val_every and args.train_data != "synthetic" and not (args.zeroshot_data
+                                                                    or args.val_data):
         return ("--val-every evaluates on the built-in val data, which goes with --train-data "
-                "synthetic; pass --zeroshot-data FOLDER to evaluate on your own images")
-    if args.val_probe and (args.zeroshot_data or not args.val_every):
+                "synthetic; pass --zeroshot-data FOLDER or --val-data TABLE to evaluate on "
+                "your own data")
+    if args.val_data and not args.val_data.endswith((".csv", ".tsv", ".jsonl")):
+        return f"--val-data {args.val_data}: not a .csv, .tsv or .jsonl caption table"
+    if args.val_data and not os.path.isfile(args.val_data):
+        return f"--val-data {args.val_data}: no such file"
+    if args.val_data and not args.val_every:
+        return "--val-data is scored at --val-every steps; pass --val-every N"
+    if args.init_from and not os.path.isfile(args.init_from):
+        return f"--init-from {args.init_from}: no such checkpoint"
+    if args.val_probe and (args.zeroshot_data or args.val_data or not args.val_every):
         return ("--val-probe adds the built-in data's probes to --val-every; it needs "
-                "--val-every and no --zeroshot-data")
+                "--val-every and no --zeroshot-data or --val-data")
     if args.classnames and not args.zeroshot_data:
         return "--classnames names the classes of --zeroshot-data; pass that folder too"
     if args.zeroshot_data and not os.path.isdir(args.zeroshot_data):
         return f"--zeroshot-data {args.zeroshot_data}: no such folder"
-    if args.classnames and not os.path.isfile(args.classnames):
+    if args.classnames not in (None, *NAMED_CLASSNAMES) and not os.path.isfile(args.classnames):
         return f"--classnames {args.classnames}: no such file"
     if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
         return f"--resume {args.resume}: no such checkpoint"
@@ -334,6 +366,11 @@ def build_trainee(args, device, world_size=1):
     torch.manual_seed(args.seed)
     config = model_config_from_args(args)
     model = TwoTowerModel(config, args.loss, args.student_temp).to(device)
+    if args.init_from:
+        fresh, unused = initialize_from(read_checkpoint(args.init_from), args.init_from, model)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"weights from {args.init_from}" + (f"; fresh: {', '.join(fresh)}" if fresh
+                  else "") + (f"; not used: {', '.join(unused)}" if unused else ""), flush=True)
     objective = Objective(
         args.loss, config.num_prototypes, nclip_weight=args.nclip_weight,
         local_loss=args.local_loss, student_temp=args.student_temp,
@@ -596,31 +633,75 @@ def plot_training_curves(out_dir):
 
 # ----------------------------------------------------------------------------------- evaluation
 
-def evaluate_during_training(model, tokenizer, args, log, step):
-    """Zero-shot on --zeroshot-data, or on the built-in val data (with --val-probe all of
-    its tasks), on rank 0 while the others wait, logged under the keys eval.py and
+def evaluate_during_training(trainee, tokenizer, args, log, step):
+    """The --val-data loss on every rank; then on rank 0, while the others wait,
+    retrieval on --val-data and zero-shot on --zeroshot-data, or the built-in val data's
+    zero-shot (with --val-probe all of its tasks); logged under the keys eval.py and
     final_metrics.json use. It draws no random numbers from the training's generators
     and leaves the model in training mode."""
+    metrics = validation_loss(trainee, tokenizer, args, log.device) if args.val_data else {}
     if log.is_main:
         cuda_devices = [log.device] if log.device.startswith("cuda") else []
         with torch.random.fork_rng(devices=cuda_devices):
-            metrics = validation_metrics(model, tokenizer, args, log.device)
-        model.train()
-        log.zero_shot_top1 = next(v for k, v in metrics.items() if k.endswith("/top1"))
+            metrics.update(validation_metrics(trainee.model, tokenizer, args, log.device))
+        trainee.model.train()
+        log.zero_shot_top1 = next((v for k, v in metrics.items() if k.endswith("/top1")), None)
         log.append({"step": step, **metrics})
     if dist.is_initialized():
         dist.barrier()
 
 
 def validation_metrics(model, tokenizer, args, device):
+    metrics = {}
+    if args.val_data:
+        recall = caption_retrieval(model, tokenizer, args.val_data, device,
+                                   image_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                   separator=args.csv_separator, workers=args.workers)
+        name = dataset_name(args.val_data)
+        metrics.update({f"retrieval/{name}/{key}": value for key, value in recall.items()})
     if args.zeroshot_data:
-        name = dataset_name(args.zeroshot_data)
         accuracy = folder_zero_shot(model, tokenizer, args.zeroshot_data, device,
                                     classnames_file=args.classnames, workers=args.workers)
-        return {f"zeroshot/{name}/{key}": value for key, value in accuracy.items()}
+        name = dataset_name(args.zeroshot_data)
+        metrics.update({f"zeroshot/{name}/{key}": value for key, value in accuracy.items()})
+    if metrics:
+        return metrics
     score = synthetic_evaluation if args.val_probe else synthetic_zero_shot
     return score(model, tokenizer, device, num_samples=args.val_samples, seed=args.seed,
                  num_heldout_pairs=args.synthetic_heldout_pairs)
+
+
+@torch.no_grad()
+def validation_loss(trainee, tokenizer, args, device):
+    """The objective on --val-data's pairs in global batches of --batch-size x processes,
+    each rank scoring its slice of each, as in training; the model in evaluation mode
+    (nCLIP centers with its running center), the objective's state left as it is, the
+    last partial batch left out. -> {"val/<name>/loss": the mean over batches}"""
+    model, objective = trainee.model, trainee.objective
+    dataset = CaptionTableDataset(args.val_data, EvalTransform(model.config.image_size),
+                                  tokenizer, args.csv_img_key, args.csv_caption_key,
+                                  args.csv_separator, args.seed)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    global_batch = args.batch_size * world_size
+    batches = len(dataset) // global_batch
+    if batches == 0:
+        raise DataError(f"--val-data {args.val_data}: {len(dataset)} pairs, fewer than one "
+                        f"global batch of {global_batch}; pass a smaller --batch-size")
+    mine = [b * global_batch + rank * args.batch_size + i
+            for b in range(batches) for i in range(args.batch_size)]
+    loader = make_loader(Subset(dataset, mine), args.batch_size, workers=args.workers)
+    model.eval()
+    objective.eval()
+    total = torch.zeros((), device=device)
+    for images, tokens, _ in loader:
+        images, tokens = batch_to_device(images, tokens, tokenizer, device)
+        with trainee.autocast:
+            loss, _ = objective(model(images, tokens))
+        total += loss.detach().float()
+    model.train()
+    objective.train()
+    total = all_reduce_sum(total) / world_size  # each rank's loss is of its rows of the batch
+    return {f"val/{dataset_name(args.val_data)}/loss": total.item() / batches}
 
 
 def final_evaluation(model, tokenizer, args, device, log):
@@ -649,12 +730,12 @@ def final_evaluation(model, tokenizer, args, device, log):
 
 # ------------------------------------------------------------------------------------- the loop
 
-def save(writer, trainee, step, log):
-    """Rank 0 saves, unless a step since the last log line was not finite: its update is
-    in the weights. -> whether it saved."""
+def save(writer, trainee, step, log, keep=False):
+    """Rank 0 saves (with `keep` also as ckpt_<step>.pt), unless a step since the last
+    log line was not finite: its update is in the weights. -> whether it saved."""
     if not log.is_main or log.saw_nonfinite():
         return False
-    writer.save(trainee, step, log.skip_counts())
+    writer.save(trainee, step, log.skip_counts(), keep)
     return True
 
 
@@ -675,7 +756,8 @@ def train(args, stop):
     model = trainee.model
     args.global_batch = args.batch_size * args.accum_freq * world_size
     start_step, skip_counts = resume(args, trainee)
-    writer = CheckpointWriter(os.path.join(args.out_dir, "ckpt.pt"), vars(args))
+    writer = CheckpointWriter(os.path.join(args.out_dir, "ckpt.pt"), vars(args),
+                              args.save_optimizer)
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
     tokenizer = Tokenizer(model.config.context_length)
     batches = iter(build_train_loader(args, tokenizer, model.config.image_size, rank, world_size,
@@ -707,15 +789,17 @@ def train(args, stop):
             if log.write(done, lr, model.head_norms(), stop.signal is not None):
                 save_and_stop(writer, trainee, done, log, stop)
         if args.val_every and done % args.val_every == 0:
-            evaluate_during_training(model, tokenizer, args, log, done)
-        if done % args.save_every == 0 and done < args.steps:
-            save(writer, trainee, done, log)
+            evaluate_during_training(trainee, tokenizer, args, log, done)
+        keep = args.keep_every and done % args.keep_every == 0
+        if (done % args.save_every == 0 or keep) and done < args.steps:
+            save(writer, trainee, done, log, keep)
     bar.close()
     if start_step >= args.steps and log.is_main:
         print(f"{args.resume} is at step {start_step}, --steps is {args.steps}: nothing to "
               "train; evaluating it", flush=True)
     elif start_step < args.steps:
-        save(writer, trainee, args.steps, log)
+        keep = args.keep_every and args.steps % args.keep_every == 0
+        save(writer, trainee, args.steps, log, keep)
     writer.wait()
     if stop.signal is not None:  # it came during the last step or the save: both are done
         stop.exit()

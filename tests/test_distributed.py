@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import MINI, ROOT, SMALL_MODEL, small_config, write_tar_shards
 from faults import DataError
+from synthetic import export
 from losses import Objective
 from model import TwoTowerModel
 from train import Trainee, distributed_model, forward_backward, process_device
@@ -183,3 +184,25 @@ def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank():
     assert process_device("cpu", local_rank=3, world_size=8) == "cpu"
     with pytest.raises(DataError, match="pass --device cuda"):
         process_device("cuda:1", local_rank=3, world_size=8)
+
+
+def test_the_validation_loss_of_two_ranks_is_that_of_one_process(tmp_path):
+    """--val-data's loss is over global batches, each rank scoring its slice: two ranks of
+    8 give one process's loss at batch 16 (at --lr 0 both keep the initial weights)."""
+    export(str(tmp_path / "data"), num_images=24)
+    flags = [*MINI, "--lr", "0", "--steps", "2", "--val-every", "2",
+             "--val-data", str(tmp_path / "data" / "captions.csv")]
+    two_ranks = torchrun(*flags, "--batch-size", "8", "--out-dir", str(tmp_path / "two"))
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    one = subprocess.run([sys.executable, "train.py", *flags, "--batch-size", "16",
+                          "--out-dir", str(tmp_path / "one")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    logged = []
+    for run in ("one", "two"):
+        with open(tmp_path / run / "log.jsonl") as f:
+            logged.append([json.loads(line) for line in f if "val/captions/loss" in line][-1])
+    assert logged[0]["val/captions/loss"] == pytest.approx(logged[1]["val/captions/loss"],
+                                                           abs=1e-5)
+    assert logged[0]["retrieval/captions/text_to_image/R@5"] == \
+        logged[1]["retrieval/captions/text_to_image/R@5"]

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -12,9 +13,10 @@ from PIL import Image
 
 from conftest import SMALL_MODEL, run_script
 from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image,
-                  open_image, read_caption_table, read_image_folder)
-from eval import (fit_logistic_regression, image_features, linear_probe, retrieval_recall,
-                  zero_shot_accuracy, zero_shot_classifier)
+                  open_image, read_caption_table, read_image_folder, read_lines)
+from eval import (NAMED_CLASSNAMES, NAMED_TEMPLATES, fit_logistic_regression, image_features,
+                  knn_probe, linear_probe, retrieval_recall, zero_shot_accuracy,
+                  zero_shot_classifier)
 from synthetic import SHAPES
 
 
@@ -236,6 +238,52 @@ def test_logistic_regression_matches_scikit_learn(l2):
                                                             abs=0.01)
 
 
+def dino_knn(train_x, train_y, test_x, k, temperature, classes):
+    """DINO's eval_knn.knn_classifier, one test image at a time: the predicted class."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    predictions = []
+    for query in test_x:
+        similarity, nearest = (train_x @ query).topk(k)
+        votes = torch.zeros(classes).index_add_(0, train_y[nearest], (similarity / temperature).exp())
+        predictions.append(int(votes.argmax()))
+    return torch.tensor(predictions)
+
+
+def test_knn_probe_is_dino_weighted_vote():
+    generator = torch.Generator().manual_seed(0)
+    (train_x, train_y), (test_x, test_y) = (overlapping_blobs(300, generator) for _ in range(2))
+    train_x, test_x = train_x.float(), test_x.float()
+    expected = (dino_knn(train_x, train_y, test_x, 20, 0.07, 5) == test_y).double().mean().item()
+    result = knn_probe(train_x, train_y, test_x, test_y, block_size=64)
+    assert result["top1"] == pytest.approx(expected, abs=1e-12)
+    assert 0.5 < result["top1"] <= result["top5"] == 1.0  # 5 classes: top-5 is every class
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_knn_probe_matches_scikit_learn(temperature):
+    """scikit-learn's KNeighborsClassifier with cosine distance d = 1 - cos and weights
+    exp((1 - d) / T): the same vote, where scikit-learn is installed."""
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    generator = torch.Generator().manual_seed(1)
+    (train_x, train_y), (test_x, test_y) = (overlapping_blobs(400, generator) for _ in range(2))
+    reference = neighbors.KNeighborsClassifier(
+        n_neighbors=20, metric="cosine", algorithm="brute",
+        weights=lambda distance: np.exp((1 - distance) / temperature))
+    reference.fit(train_x.numpy(), train_y.numpy())
+    theirs = (reference.predict(test_x.numpy()) == test_y.numpy()).mean()
+    ours = knn_probe(train_x.float(), train_y, test_x.float(), test_y, temperature=temperature)
+    assert ours["top1"] == pytest.approx(theirs, abs=1e-12)
+
+
+def test_named_class_names_and_templates_are_clips():
+    classnames = read_lines(NAMED_CLASSNAMES["imagenet"], 1000)
+    assert classnames[:3] == ["tench", "goldfish", "great white shark"]
+    assert classnames[-1] == "toilet paper"
+    templates = read_lines(NAMED_TEMPLATES["openai"], 80)
+    assert all(template.count("{}") == 1 for template in templates)
+    assert templates[0] == "a bad photo of a {}." and "itap of a {}." in templates
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("run")
@@ -277,6 +325,30 @@ def test_cli_empty_class_folder_is_one_line_and_exit_code_2(checkpoint, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_refuses_wordnet_id_folders_without_class_names(checkpoint, tmp_path):
+    for wnid in ("n01440764", "n01443537"):
+        write_image(f"{tmp_path}/val/{wnid}/0.png", (10, 20, 30))
+    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "val"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "WordNet ids" in result.stderr and "--classnames imagenet" in result.stderr
+    # ImageNet's names for 2 folders: the count is checked, not silently misaligned
+    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "val"),
+                      "--classnames", "imagenet", "--templates", "openai")
+    assert result.returncode == 2 and "1000 lines, expected 2" in result.stderr
+
+
+def test_cli_knn_probe(checkpoint, tmp_path):
+    for split in ("train", "test"):
+        write_folder(tmp_path / "pets" / split, corrupt=False)
+    result = run_eval("knn", "--checkpoint", checkpoint, "--k", "3",
+                      "--train-data", str(tmp_path / "pets" / "train"),
+                      "--test-data", str(tmp_path / "pets" / "test"),
+                      "--output", str(tmp_path / "k.json"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "k.json").read_text())
+    assert metrics["knn/pets/test_images"] == 5 and 0 <= metrics["knn/pets/top1"] <= 1
+
+
 def test_cli_retrieval_on_a_caption_file(checkpoint, tmp_path):
     write_captions(tmp_path)
     result = run_eval("retrieval", "--checkpoint", checkpoint,
@@ -313,4 +385,4 @@ def test_eval_synthetic_scores_a_checkpoint_on_the_built_in_data(checkpoint, tmp
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "s.json").read_text())
     assert {"zeroshot/color/top1", "retrieval/synthetic/image_to_text/R@1",
-            "linear_probe/synthetic_shape/top1"} <= set(metrics)
+            "linear_probe/synthetic_shape/top1", "knn/synthetic_color/top1"} <= set(metrics)

@@ -67,8 +67,20 @@ def finished_run(tmp_path_factory):
     return out_dir
 
 
+class CodeInThePickle:
+    """Unpickling this calls open(path, "w"): it creates a file, code a checkpoint from
+    someone else could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 def write_bad_checkpoints(folder, good):
-    contents = torch.load(good, weights_only=False)
+    contents = torch.load(good, weights_only=True)
+    torch.save({**contents, "args": CodeInThePickle(str(folder / "code_ran"))}, folder / "code.pt")
     torch.save(contents["model"], folder / "bare.pt")
     (folder / "empty.pt").write_bytes(b"")
     (folder / "text.pt").write_text("not a checkpoint\n")
@@ -80,7 +92,7 @@ def write_bad_checkpoints(folder, good):
 BAD_CHECKPOINTS = [
     ("empty.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
     ("truncated.pt", "not a readable checkpoint"), ("bare.pt", "not a checkpoint written by"),
-    ("diverged.pt", "weights that are not finite"),
+    ("diverged.pt", "weights that are not finite"), ("code.pt", "not a readable checkpoint"),
 ]
 
 
@@ -91,6 +103,18 @@ def test_resuming_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, m
     result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--resume",
                             str(tmp_path / name), "--out-dir", str(tmp_path / "o"))
     assert_one_line_error(result, message)
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_without_running_it(finished_run, tmp_path,
+                                                                    monkeypatch, capsys):
+    write_bad_checkpoints(tmp_path, str(finished_run / "ckpt.pt"))
+    code = str(tmp_path / "code.pt")
+    evaluated = run_in_process(monkeypatch, capsys, "eval.py", "synthetic", "--checkpoint", code)
+    resumed = run_in_process(monkeypatch, capsys, "train.py", "--resume", code,
+                             "--out-dir", str(tmp_path / "o"))
+    for result in (evaluated, resumed):
+        assert_one_line_error(result, "not a readable checkpoint")
+    assert not (tmp_path / "code_ran").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -107,11 +131,11 @@ def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, monkeypa
 
 
 def test_resuming_a_finished_run_evaluates_it_without_training(finished_run):
-    before = torch.load(finished_run / "ckpt.pt", weights_only=False)
+    before = torch.load(finished_run / "ckpt.pt", weights_only=True)
     result = run_train(*MINI, "--steps", "4", "--resume", "latest", "--out-dir", str(finished_run))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "nothing to train; evaluating it" in result.stdout
-    after = torch.load(finished_run / "ckpt.pt", weights_only=False)
+    after = torch.load(finished_run / "ckpt.pt", weights_only=True)
     assert after["step"] == 4 and torch.equal(before["model"]["logit_scale"],
                                                after["model"]["logit_scale"])
 
@@ -119,11 +143,11 @@ def test_resuming_a_finished_run_evaluates_it_without_training(finished_run):
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert run_train(*MINI, "--steps", "5", "--save-every", "5", "--out-dir",
                      str(tmp_path)).returncode == 0
-    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     result = run_train(*MINI, "--steps", "20", "--save-every", "5", "--lr", "1e6",
                        "--resume", "latest", "--out-dir", str(tmp_path))
     assert_one_line_error(result, "was not finite")
-    kept = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert kept["step"] == 5 and all(torch.equal(saved["model"][k], kept["model"][k])
                                      for k in saved["model"])
 
@@ -219,8 +243,8 @@ def test_sigkill_then_resume_ends_bit_identical(tmp_path, source):
     process.wait()
     resumed = run_train(*flags, "--resume", "latest", "--out-dir", str(killed))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected = torch.load(straight / "ckpt.pt", weights_only=False)["model"]
-    actual = torch.load(killed / "ckpt.pt", weights_only=False)["model"]
+    expected = torch.load(straight / "ckpt.pt", weights_only=True)["model"]
+    actual = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     with open(killed / "log.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MINI, ROOT, SMALL_MODEL, run_train
+from conftest import MINI, ROOT, SMALL_MODEL, run_script, run_train
 from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
 
 
 def final_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
@@ -36,7 +36,7 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
-    saved_step = torch.load(os.path.join(stopped, "ckpt.pt"), weights_only=False)["step"]
+    saved_step = torch.load(os.path.join(stopped, "ckpt.pt"), weights_only=True)["step"]
     assert 5 <= saved_step < 30
 
     resumed = run_train(*flags, "--out-dir", stopped, "--resume", os.path.join(stopped, "ckpt.pt"))
@@ -148,3 +148,43 @@ def test_a_run_draws_its_curves_and_plot_redraws_them(tmp_path):
 def test_plot_without_a_log_is_one_line(tmp_path):
     result = run_train("--plot", str(tmp_path))
     assert result.returncode == 2 and "no log.jsonl there" in result.stderr
+
+
+def test_val_data_logs_what_eval_py_retrieval_scores_on_the_checkpoint(tmp_path):
+    """--val-data at --val-every: the loss and eval.py retrieval's keys and values; with
+    --keep-every the step checkpoints stay, and --no-save-optimizer's cannot resume."""
+    export(str(tmp_path / "data"), num_images=24)
+    table, out_dir = str(tmp_path / "data" / "captions.csv"), tmp_path / "run"
+    result = run_train(*MINI, "--steps", "6", "--val-data", table, "--val-every", "3",
+                       "--keep-every", "3", "--no-save-optimizer", "--out-dir", str(out_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out_dir / "log.jsonl") as f:
+        evaluations = [json.loads(line) for line in f if "val/captions/loss" in line]
+    assert [line["step"] for line in evaluations] == [3, 6]
+    evaluated = run_script("eval.py", "retrieval", "--checkpoint", str(out_dir / "ckpt.pt"),
+                           "--data", table, "--workers", "0", "--output", str(tmp_path / "r.json"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / "r.json").read_text())
+    assert "retrieval/captions/image_to_text/R@1" in metrics
+    assert {key: evaluations[-1][key] for key in metrics} == metrics
+
+    kept = {name: torch.load(out_dir / name, weights_only=True) for name in
+            ("ckpt_3.pt", "ckpt_6.pt", "ckpt.pt")}
+    assert [checkpoint["step"] for checkpoint in kept.values()] == [3, 6, 6]
+    assert not any("optimizer" in checkpoint for checkpoint in kept.values())
+    resumed = run_train(*MINI, "--steps", "8", "--resume", "latest", "--out-dir", str(out_dir))
+    assert resumed.returncode == 2 and "--init-from" in resumed.stderr
+
+
+def test_init_from_a_clip_checkpoint_starts_xclip_with_its_towers(tmp_path):
+    clip_dir, xclip_dir = tmp_path / "clip", tmp_path / "xclip"
+    assert run_train(*MINI, "--loss", "clip", "--steps", "2", "--out-dir",
+                     str(clip_dir)).returncode == 0
+    result = run_train(*MINI, "--loss", "xclip",
+                       "--lr", "0", "--steps", "1", "--init-from", str(clip_dir / "ckpt.pt"),
+                       "--out-dir", str(xclip_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fresh: image_head, text_head" in result.stdout
+    clip, xclip = final_weights(clip_dir), final_weights(xclip_dir)
+    assert all(torch.equal(clip[name], xclip[name]) for name in clip)  # lr 0: still CLIP's
+    assert any(name.startswith("image_head") for name in xclip)

@@ -67,7 +67,8 @@ class CheckpointWriter:
         link to the same file (a copy where the file system has none)."""
         temporary = self.path + ".tmp"
         try:
-            torch.save(checkpoint, temporary)
+            with open(temporary, "wb") as f:  # a full disk is then an OSError saying so
+                torch.save(checkpoint, f)
             if kept:
                 if os.path.exists(kept):
                     os.remove(kept)
@@ -76,10 +77,11 @@ class CheckpointWriter:
                 except OSError:
                     shutil.copyfile(temporary, kept)
             os.replace(temporary, self.path)
-        except (OSError, RuntimeError) as error:  # torch.save says RuntimeError for a full disk
-            if os.path.exists(temporary):
+        except Exception as error:  # in this thread: whatever it is, wait() raises it
+            if os.path.lexists(temporary):
                 os.remove(temporary)
-            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            reason = (getattr(error, "strerror", None)
+                      or (str(error).splitlines() or [type(error).__name__])[0])
             self.error = DataError(f"could not write {self.path} ({reason}); the previous "
                                    "checkpoint, if any, is untouched")
 

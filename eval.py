@@ -29,7 +29,7 @@ from data import (EvalTransform, IndexedImages, Tokenizer, collate_readable,
                   group_captions_by_image, make_loader, name_examples, normalize, open_image,
                   read_caption_table, read_image_folder, read_lines)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
-                    positive_float, positive_int)
+                    one_character, positive_float, positive_int, writing)
 from model import autocast_context, default_device
 from synthetic import COLORS, SHAPES, object_labels, scored_scenes, with_article
 
@@ -309,20 +309,34 @@ def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
     return {**recall, "images": len(kept), "captions": len(captions), "skipped_images": skipped}
 
 
-def feature_cache_path(cache_dir, checkpoint_path, root):
-    """Where a feature cache keeps one folder's features: one .npy pair per (checkpoint
-    file and its modification time, folder)."""
-    checkpoint = os.path.abspath(checkpoint_path)
-    identity = f"{checkpoint}:{os.path.getmtime(checkpoint)}:{os.path.abspath(root)}"
+def file_digest(path, chunk_size=2**20):
+    """SHA-1 of a file's bytes (a B/16 checkpoint: a few seconds)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def feature_cache_path(cache_dir, checkpoint_digest, samples):
+    """Where a feature cache keeps the features of one folder's `samples` ((path, label)
+    pairs): one .npy pair per checkpoint content and folder listing, each image's path,
+    class, size and modification time. A changed checkpoint, or an image added, removed,
+    moved or rewritten, gives a new pair: stale features are never read."""
+    listing = [(os.path.abspath(path), label, os.path.getsize(path), os.path.getmtime(path))
+               for path, label in samples]
+    identity = json.dumps([checkpoint_digest, listing])
     return os.path.join(cache_dir, hashlib.sha1(identity.encode()).hexdigest()[:16])
 
 
-def cached_tower_features(model, root, device, *, cache=None, batch_size=256, workers=0):
-    """f_v and labels of the readable images of an image folder, through the .npy pair
-    at `cache` (a path prefix) when given."""
+def cached_tower_features(model, root, device, *, cache_dir=None, checkpoint_digest=None,
+                          batch_size=256, workers=0):
+    """f_v and labels of the readable images of an image folder, through a .npy pair in
+    `cache_dir` when given (see feature_cache_path)."""
     folders, samples = read_image_folder(root)
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples])
+    cache = cache_dir and feature_cache_path(cache_dir, checkpoint_digest, samples)
     if cache and os.path.isfile(f"{cache}_indices.npy"):
         features = torch.from_numpy(np.load(f"{cache}_features.npy"))
         kept = torch.from_numpy(np.load(f"{cache}_indices.npy"))
@@ -346,13 +360,22 @@ def folder_probe(model, train_root, test_root, device, *, probe="linear", l2_gri
                  batch_size=256, workers=0):
     """The linear probe (`probe` "linear") or the kNN probe ("knn") on f_v of two image
     folders with the same class folders. With `feature_cache` (a folder) the features
-    of `checkpoint_path`'s model are kept there and reused while checkpoint file and
-    folder path are the same."""
+    of `checkpoint_path`'s model are kept there and reused while the checkpoint's bytes
+    and each folder's images are the same."""
+    digest = None
+    if feature_cache:  # checked before the first feature is computed
+        try:
+            os.makedirs(feature_cache, exist_ok=True)
+        except OSError as error:
+            raise DataError(f"--feature-cache {feature_cache}: {error.strerror or error}") from None
+        if not os.access(feature_cache, os.W_OK):
+            raise DataError(f"--feature-cache {feature_cache} is not writable")
+        digest = file_digest(checkpoint_path)
     splits = {}
     for split, root in (("train", train_root), ("test", test_root)):
-        cache = feature_cache and feature_cache_path(feature_cache, checkpoint_path, root)
-        splits[split] = cached_tower_features(model, root, device, cache=cache,
-                                              batch_size=batch_size, workers=workers)
+        splits[split] = cached_tower_features(model, root, device, cache_dir=feature_cache,
+                                              checkpoint_digest=digest, batch_size=batch_size,
+                                              workers=workers)
     (train_classes, train_features, train_labels, train_skipped) = splits["train"]
     (test_classes, test_features, test_labels, test_skipped) = splits["test"]
     if train_classes != test_classes:
@@ -510,7 +533,7 @@ def build_parser():
                                 "captions; several rows per image allowed")
     retrieval.add_argument("--csv-img-key", default="filepath", help="column of the image paths")
     retrieval.add_argument("--csv-caption-key", default="title", help="column of the captions")
-    retrieval.add_argument("--csv-separator", default=None,
+    retrieval.add_argument("--csv-separator", type=one_character, default=None,
                            help="CSV separator (default: tab for .tsv, else comma)")
     probes = argparse.ArgumentParser(add_help=False)
     probes.add_argument("--train-data", required=True,
@@ -580,18 +603,29 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            raise DataError(f"--output {args.output}: no folder "
-                            f"{os.path.dirname(os.path.abspath(args.output))}")
+        check_output(args.output or os.path.dirname(os.path.abspath(args.checkpoint)),
+                     is_folder=args.output is None)
         model, checkpoint = load_model(args.checkpoint, args.device)
         metrics, default_name = run_task(args, model, checkpoint)
+        output = args.output or os.path.join(os.path.dirname(args.checkpoint), default_name)
+        print_table(metrics)
+        with writing(output), open(output, "w") as f:
+            json.dump(metrics, f, indent=1)
     except DataError as error:
         parser.error(str(error))
-    output = args.output or os.path.join(os.path.dirname(args.checkpoint), default_name)
-    print_table(metrics)
-    with open(output, "w") as f:
-        json.dump(metrics, f, indent=1)
     print(f"wrote {output}")
+
+
+def check_output(path, is_folder=False):
+    """Before any work: the --output file (or, without one, the checkpoint's folder) can
+    be written, so that a long evaluation is not lost at its end."""
+    folder = path if is_folder else os.path.dirname(os.path.abspath(path))
+    if not is_folder and os.path.isdir(path):
+        raise DataError(f"--output {path} is a folder; name the JSON file to write")
+    if not os.path.isdir(folder):
+        raise DataError(f"--output {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"{folder} is not writable; pass --output FILE elsewhere")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -25,6 +26,16 @@ class DataError(Exception):
 
 class NonFiniteLoss(Exception):
     """The loss, the gradient norm or the weights stopped being finite numbers."""
+
+
+@contextmanager
+def writing(path):
+    """Around the writing of `path`: an OSError (a full disk, a folder gone) becomes a
+    one-line DataError that names the file and the cause ("No space left on device")."""
+    try:
+        yield
+    except OSError as error:
+        raise DataError(f"could not write {path} ({error.strerror or error})") from None
 
 
 def fail(script, message):
@@ -60,6 +71,23 @@ def non_negative_int(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
+
+
+def seed(text):
+    """A seed every generator takes (numpy's legacy seed is below 2**32; the rank and the
+    step are appended to it as digits for torch's, which must stay below 2**64)."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
+def one_character(text):
+    """A CSV separator: Python's csv module takes one character."""
+    text = {"\\t": "\t", "tab": "\t"}.get(text, text)
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"must be one character, got {text!r}")
+    return text
 
 
 def below_one(text):
@@ -107,24 +135,48 @@ def device_name(text):
 
 def take_out_dir(out_dir):
     """A lock file with our pid: two live runs never share an --out-dir (and its
-    checkpoint). A lock left by a dead process is taken over; ours goes at exit."""
+    checkpoint). The lock appears with the pid already in it (a hard link to a file
+    written first), so two runs started at the same instant cannot both see it empty;
+    one left by a process that is gone, or whose pid now runs something other than
+    train.py, is taken over. -> the function that removes it, registered at exit too."""
     check_writable(out_dir)
     lock = os.path.join(out_dir, "train.lock")
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if process_alive(lock):
-                with open(lock) as f:
-                    owner = f.read().strip()
-                raise DataError(f"--out-dir {out_dir} is in use by a running train.py (pid "
-                                f"{owner}); pick another --out-dir")
-            os.remove(lock)
-            continue
-        with os.fdopen(descriptor, "w") as f:
-            f.write(str(os.getpid()))
-        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
-        return
+    mine = f"{lock}.{os.getpid()}"
+    with open(mine, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                link_or_create(mine, lock)
+            except FileExistsError:
+                owner = lock_owner(lock)
+                if owner is not None:
+                    raise DataError(f"--out-dir {out_dir} is in use by a running train.py (pid "
+                                    f"{owner}); pick another --out-dir") from None
+                os.remove(lock)
+                continue
+
+            def release():
+                if lock_owner(lock, own=True):
+                    os.remove(lock)
+            atexit.register(release)
+            return release
+        raise DataError(f"--out-dir {out_dir}: could not take {lock}; try again")
+    finally:
+        os.remove(mine)
+
+
+def link_or_create(source, path):
+    """`path` as a hard link to `source`, or FileExistsError. Where the file system has no
+    hard links, `path` is created exclusively and `source`'s text written into it."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(descriptor, "w") as f, open(source) as text:
+            f.write(text.read())
 
 
 def check_writable(directory):
@@ -137,14 +189,36 @@ def check_writable(directory):
                         f"{error.strerror or error}") from None
 
 
-def process_alive(lock):
+def lock_owner(lock, own=False):
+    """The pid in `lock` if a train.py other than this process runs under it (with `own`,
+    if it is this process), else None: a lock that is unreadable, empty or names a process
+    that is gone or that runs something else does not hold the folder."""
     try:
         with open(lock) as f:
             pid = int(f.read().strip())
-        os.kill(pid, 0)
     except (ValueError, OSError):
+        return None
+    if own:
+        return pid if pid == os.getpid() else None
+    if pid == os.getpid() or not process_runs_train(pid):
+        return None
+    return pid
+
+
+def process_runs_train(pid):
+    """Whether `pid` is a live process running train.py (where /proc can tell; a live
+    process otherwise)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return pid != os.getpid()
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"train.py" in f.read()
+    except OSError:
+        return not os.path.isdir("/proc")
 
 
 # ---------------------------------------------------------------------------------- signals
@@ -159,9 +233,10 @@ class StopRequest:
     never come: StopRequested is raised there, to save now and exit), "starting" or
     "evaluating" (nothing to save: exit at once). A second signal exits at once."""
 
-    def __init__(self):
+    def __init__(self, on_exit=None):
         self.signal = None  # the signal number once one came
         self.phase = "starting"
+        self.on_exit = on_exit  # what an exit at once must still do (release the lock)
 
     def install(self):
         signal.signal(signal.SIGINT, self.handle)
@@ -172,6 +247,8 @@ class StopRequest:
             # os._exit: a SystemExit raised wherever the signal landed could wait on a lock
             print(f"\nstopped by signal {signum} while {self.phase}", file=sys.stderr,
                   flush=True)
+            if self.on_exit:
+                self.on_exit()  # os._exit runs no atexit handler
             os._exit(128 + signum)
         self.signal = signum
         if self.phase == "waiting":

@@ -36,8 +36,8 @@ from eval import (HEADLINE_METRICS, NAMED_CLASSNAMES, caption_retrieval, dataset
                   folder_zero_shot, synthetic_evaluation, synthetic_zero_shot)
 from faults import (DataError, NonFiniteLoss, OneLineErrorParser, StopRequest, StopRequested,
                     below_one, device_name, fail, fraction, non_negative_float,
-                    non_negative_int, positive_float, positive_int, take_out_dir,
-                    user_message)
+                    non_negative_int, one_character, positive_float, positive_int, seed,
+                    take_out_dir, user_message, writing)
 from losses import REGULARIZERS, Objective
 from model import (OBJECTIVES, PRESETS, ModelConfig, TwoTowerModel, TwoTowerOutput,
                    autocast_context, default_device, model_config)
@@ -126,7 +126,7 @@ def build_parser():
                       help="caption table column with the image path")
     data.add_argument("--csv-caption-key", default="title",
                       help="caption table column with the caption")
-    data.add_argument("--csv-separator", default=None,
+    data.add_argument("--csv-separator", type=one_character, default=None,
                       help="caption table separator (default: tab for .tsv, else comma)")
     data.add_argument("--val-data", default=None,
                       help="caption table (.csv/.tsv/.jsonl) of held-out pairs: at --val-every, "
@@ -163,7 +163,8 @@ def build_parser():
     run.add_argument("--plot", metavar="OUT_DIR", default=None,
                      help="only draw OUT_DIR/curves.png from OUT_DIR/log.jsonl (a finished or "
                           "running run), then exit")
-    run.add_argument("--seed", type=int, default=0, help="seed for initialization and data")
+    run.add_argument("--seed", type=seed, default=0,
+                     help="seed for initialization and data, in [0, 2**32)")
     run.add_argument("--device", type=device_name, default=None,
                      help="cuda, cuda:N or cpu (default: cuda when available)")
     run.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -223,6 +224,9 @@ def check_flags(args):
         return ("--val-every evaluates on the built-in val data, which goes with --train-data "
                 "synthetic; pass --zeroshot-data FOLDER or --val-data TABLE to evaluate on "
                 "your own data")
+    if os.path.isdir(args.train_data):
+        return (f"--train-data {args.train_data} is a folder: it takes 'synthetic', a "
+                ".csv/.tsv/.jsonl caption table of image paths and captions, or tar shards")
     if args.val_data and not args.val_data.endswith((".csv", ".tsv", ".jsonl")):
         return f"--val-data {args.val_data}: not a .csv, .tsv or .jsonl caption table"
     if args.val_data and not os.path.isfile(args.val_data):
@@ -255,6 +259,9 @@ def model_config_problem(config):
         width, heads = getattr(config, f"{tower}_width"), getattr(config, f"{tower}_heads")
         if width % heads:
             return f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}"
+    if config.context_length < 2:
+        return (f"--context-length {config.context_length} leaves no room for a word beside "
+                "the end-of-text token; pass at least 2 (CLIP: 77)")
     if config.image_size < config.patch_size:
         return f"--image-size {config.image_size} is smaller than --patch-size {config.patch_size}"
     if config.conv_stem and (config.patch_size & (config.patch_size - 1)
@@ -322,6 +329,7 @@ def build_train_loader(args, tokenizer, image_size, rank=0, world_size=1, *, sta
     elif args.train_data.endswith((".csv", ".tsv", ".jsonl")):
         dataset = CaptionTableDataset(args.train_data, transform, tokenizer, args.csv_img_key,
                                       args.csv_caption_key, args.csv_separator, args.seed)
+        refuse_smaller_than_batch(args.train_data, len(dataset), "rows", batch_size * world_size)
         sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, start_sample,
                                    args.seed)
     else:
@@ -333,11 +341,22 @@ def build_train_loader(args, tokenizer, image_size, rank=0, world_size=1, *, sta
         if not args.train_num_samples:
             raise DataError("--train-num-samples is needed with tar shards: the samples in one "
                             "epoch")
+        refuse_smaller_than_batch("--train-num-samples", args.train_num_samples, "samples",
+                                  batch_size * world_size)
         epoch, position = divmod(start_sample, args.train_num_samples)
         dataset = TarShardStream(shards, transform, tokenizer, rank, world_size, args.seed,
                                  args.shuffle_buffer, epoch, position / args.train_num_samples)
     return make_loader(dataset, batch_size, sampler, args.workers,
                        pin_memory=torch.cuda.is_available())
+
+
+def refuse_smaller_than_batch(source, count, unit, global_batch):
+    """A batch larger than its data holds some pairs twice, and each copy is scored as a
+    negative of the other: refused."""
+    if count < global_batch:
+        raise DataError(f"{source}: {count} {unit}, fewer than the global batch of "
+                        f"{global_batch} (--batch-size x --accum-freq x processes); each batch "
+                        "would hold pairs twice, their copies each other's negatives")
 
 
 @dataclass
@@ -522,6 +541,7 @@ class TrainingLog:
         self.is_main, self.bar = is_main, bar
         self.sums, self.steps, self.started = {}, 0, time.time()
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # by this process
+        self.skipped_at_last_line = self.skipped.clone()
         self.skip_offsets = dict(skip_counts or {})  # counted before a resume
         self.last = dict(self.skip_offsets)
         self.zero_shot_top1 = None  # the last evaluation's first top-1, for the bar
@@ -533,7 +553,7 @@ class TrainingLog:
         fresh start, all of a former run's)."""
         with open(self.path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
+        with writing(self.path), open(self.path, "w") as f:
             f.writelines(lines)
 
     def add(self, step_metrics, skipped):
@@ -559,6 +579,7 @@ class TrainingLog:
         samples = self.steps * self.global_batch
         line.update(step=step, lr=lr, samples_per_second=samples / (now - self.started))
         self.sums, self.steps, self.started = {}, 0, now
+        self.skipped_at_last_line = self.skipped.clone()
         stopping = line.pop("stop") > 0
         self.last = line
         if self.is_main:
@@ -586,11 +607,17 @@ class TrainingLog:
         self.bar.set_postfix(shown)
 
     def append(self, line):
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def skip_counts(self):
-        return {k: int(round(v)) for k, v in self.last.items() if k.startswith("skipped/")}
+        """The bad samples counted up to the last log line, and this rank's since then
+        (a stop while waiting for data comes between log lines)."""
+        counts = {k: v for k, v in self.last.items() if k.startswith("skipped/")}
+        since = self.skipped - self.skipped_at_last_line
+        for reason, count in zip(SKIP_REASONS, since.tolist()):
+            counts[f"skipped/{reason}"] = counts.get(f"skipped/{reason}", 0) + count
+        return {k: int(round(v)) for k, v in counts.items()}
 
     def saw_nonfinite(self):
         """Whether a step since the last log line had a non-finite loss or gradient and
@@ -627,7 +654,8 @@ def plot_training_curves(out_dir):
         if series:
             panels.append(Panel(title, "step", series))
     path = os.path.join(out_dir, "curves.png")
-    line_panels(path, panels, columns=3, panel_size=(400, 280))
+    with writing(path):
+        line_panels(path, panels, columns=3, panel_size=(400, 280))
     return path
 
 
@@ -718,7 +746,7 @@ def final_evaluation(model, tokenizer, args, device, log):
         print(f"evaluate on your own data with: python eval.py TASK --checkpoint "
               f"{os.path.join(args.out_dir, 'ckpt.pt')} ...")
     metrics_path = os.path.join(args.out_dir, "final_metrics.json")
-    with open(metrics_path, "w") as f:
+    with writing(metrics_path), open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=1)
     headline = {label: metrics[key] for label, key in HEADLINE_METRICS.items() if key in metrics}
     if "nclip/information" in log.last:
@@ -784,14 +812,16 @@ def train(args, stop):
         log.add(train_step(trainee, images, tokens, args.on_nonfinite, args.accum_freq), skipped)
         bar.update(1)
         done = step + 1
+        keep = args.keep_every and done % args.keep_every == 0
+        saving = done % args.save_every == 0 or keep  # a checkpoint holds a log line's counts
         # one process can stop at any step; ranks agree at log lines
-        if done % args.log_every == 0 or done == args.steps or (world_size == 1 and stop.signal):
+        if (done % args.log_every == 0 or done == args.steps or saving
+                or (world_size == 1 and stop.signal)):
             if log.write(done, lr, model.head_norms(), stop.signal is not None):
                 save_and_stop(writer, trainee, done, log, stop)
         if args.val_every and done % args.val_every == 0:
             evaluate_during_training(trainee, tokenizer, args, log, done)
-        keep = args.keep_every and done % args.keep_every == 0
-        if (done % args.save_every == 0 or keep) and done < args.steps:
+        if saving and done < args.steps:
             save(writer, trainee, done, log, keep)
     bar.close()
     if start_step >= args.steps and log.is_main:
@@ -827,9 +857,10 @@ def main():
             args.resume = latest if os.path.isfile(latest) else None
         if args.workers is None:
             args.workers = default_workers()
+        release_out_dir = None
         if int(os.environ.get("RANK", 0)) == 0:
-            take_out_dir(args.out_dir)
-        stop = StopRequest()
+            release_out_dir = take_out_dir(args.out_dir)
+        stop = StopRequest(on_exit=release_out_dir)
         stop.install()
         train(args, stop)
     except (DataError, NonFiniteLoss) as error:

@@ -17,6 +17,7 @@ import data
 import train
 from checkpoint import CheckpointWriter
 from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
+from faults import take_out_dir
 
 def assert_one_line_error(result, message, code=2):
     assert result.returncode == code, result.stderr[-2000:]
@@ -50,6 +51,15 @@ def assert_one_line_error(result, message, code=2):
     (["--patch-size", "6", "--image-size", "36"], "--conv-stem needs a power-of-2"),
     (["--patch-size", "8", "--image-size", "36"], "--conv-stem needs a power-of-2"),
     (["--vision-width", "2", "--vision-heads", "1"], "it needs at least 4 for --patch-size 8"),
+    (["--context-length", "1"], "leaves no room for a word"),
+    (["--seed", str(2**64)], "must be an integer in [0, 2**32)"),
+    (["--seed", "-1"], "must be an integer in [0, 2**32)"),
+    (["--csv-separator", "::"], "must be one character"),
+    (["--train-data", "tests"], "--train-data tests is a folder"),
+    (["--val-data", "pairs.parquet", "--val-every", "2"], "not a .csv, .tsv or .jsonl"),
+    (["--val-data", "missing.csv", "--val-every", "2"], "--val-data missing.csv: no such file"),
+    (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--keep-every", "-1"], "must be an integer >= 0"),
     pytest.param(["--device", "cuda"], "this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
 ])
@@ -207,6 +217,35 @@ def test_a_second_run_on_a_busy_out_dir_is_refused(tmp_path):
     assert run_train(*MINI, "--steps", "2", "--out-dir", str(tmp_path)).returncode == 0
 
 
+def test_a_lock_whose_pid_runs_something_else_or_is_empty_is_taken_over(tmp_path):
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        for content in (str(other.pid), ""):
+            (tmp_path / "train.lock").write_text(content)
+            release = take_out_dir(str(tmp_path))
+            assert (tmp_path / "train.lock").read_text() == str(os.getpid())
+            release()
+            assert not (tmp_path / "train.lock").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_signal_during_the_final_evaluation_releases_the_lock(tmp_path):
+    process = subprocess.Popen([sys.executable, "train.py", *MINI, "--steps", "2",
+                                "--val-samples", "3000", "--out-dir", str(tmp_path)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    while not (tmp_path / "ckpt.pt").exists():  # the last checkpoint: evaluation comes next
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "while evaluating" in process.stderr.read()
+    assert not (tmp_path / "train.lock").exists()
+
+
 def wait_for_step(log_path, step, process):
     while True:
         assert process.poll() is None, process.stderr.read()
@@ -279,9 +318,8 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_
     path = str(tmp_path / "ckpt.pt")
     (tmp_path / "ckpt.pt").write_bytes(b"previous")
 
-    def no_space(obj, target):
-        with open(target, "wb") as f:
-            f.write(b"partial")
+    def no_space(obj, file):
+        file.write(b"partial")
         raise OSError(28, "No space left on device")
     args = train.build_parser().parse_args(MINI)
     writer = CheckpointWriter(path, vars(args))
@@ -291,6 +329,59 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_
         writer.wait()
     assert (tmp_path / "ckpt.pt").read_bytes() == b"previous"
     assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "curves.png", "final_metrics.json", "ckpt.pt.tmp"])
+def test_a_full_disk_for_any_file_of_the_run_is_one_line_saying_so(tmp_path, name):
+    """Each file train.py writes, pointed at /dev/full (every write: ENOSPC)."""
+    os.symlink("/dev/full", tmp_path / name)
+    result = run_train(*MINI, "--steps", "2", "--out-dir", str(tmp_path))
+    assert_one_line_error(result, "(No space left on device)")
+    assert "could not write" in result.stderr and name.removesuffix(".tmp") in result.stderr
+
+
+def test_a_full_disk_for_eval_output_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
+    write_image_folder(tmp_path / "val")
+    result = run_in_process(monkeypatch, capsys, "eval.py", "zeroshot", "--checkpoint",
+                            str(finished_run / "ckpt.pt"), "--data", str(tmp_path / "val"),
+                            "--workers", "0", "--output", "/dev/full")
+    assert_one_line_error(result, "could not write /dev/full (No space left on device)")
+
+
+def write_image_folder(root, images_per_class=2):
+    for name, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(images_per_class):
+            Image.new("RGB", (12, 10), color).save(root / name / f"{i}.png")
+
+
+def test_a_caption_table_smaller_than_the_batch_is_refused(tmp_path, monkeypatch, capsys):
+    table = write_caption_csv(tmp_path, rows=10)
+    for flags in (["--batch-size", "16"], ["--batch-size", "7", "--accum-freq", "3"]):
+        result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--train-data", table,
+                                *flags, "--out-dir", str(tmp_path / "o"))
+        global_batch = 16 if "16" in flags else 21
+        assert_one_line_error(result, f"10 rows, fewer than the global batch of {global_batch}")
+
+
+def test_the_feature_cache_is_not_reused_once_a_folder_changes(finished_run, tmp_path,
+                                                               monkeypatch, capsys):
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "test")
+    flags = ["linear-probe", "--checkpoint", str(finished_run / "ckpt.pt"), "--workers", "0",
+             "--train-data", str(tmp_path / "train"), "--test-data", str(tmp_path / "test"),
+             "--feature-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "p.json"),
+             "--name", "pets"]
+    counts = []
+    for add_image in (False, False, True):  # the same folders twice, then an image more
+        if add_image:
+            Image.new("RGB", (12, 10), (0, 90, 0)).save(tmp_path / "train" / "cat" / "new.png")
+        result = run_in_process(monkeypatch, capsys, "eval.py", *flags)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads((tmp_path / "p.json").read_text())
+        counts.append((metrics["linear_probe/pets/train_images"],
+                       len(os.listdir(tmp_path / "cache"))))
+    assert counts == [(4, 4), (4, 4), (5, 6)]  # a new pair for the changed folder
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
@@ -334,6 +425,7 @@ def test_retrieval_rows_repeated_or_spelled_twice_count_once(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", "0"], "must be a positive integer"),
     (["--output", "/nonexistent/folder/m.json"], "no folder"),
+    (["--output", "/tmp"], "--output /tmp is a folder"),
     (["--device", "bogus"], "not a device"),
 ])
 def test_eval_flag_errors_are_one_line(finished_run, tmp_path, monkeypatch, capsys, flags, message):

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data import SKIP_REASONS, Tokenizer
+from data import SKIP_REASONS, tokenizer_for
 from eval import retrieval_recall
 from model import ConvStem, autocast_context, default_device
 from synthetic import SyntheticCaptions
@@ -247,7 +247,7 @@ def time_loader(args, config):
     """Images/s of train.py's loader on --train-data with --workers processes: decoding,
     random resized crop, tokenization and collation of uint8 batches, what a GPU waits
     for. With --jpeg-shards, on generated 256-px JPEG shards instead."""
-    tokenizer = Tokenizer(config.context_length)
+    tokenizer = tokenizer_for(config)
     loader = build_train_loader(args, tokenizer, config.image_size)
     batches = iter(loader)
     for _ in range(args.warmup_steps):  # worker start-up and prefetch

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from data import EvalTransform, Tokenizer, normalize
+from data import EvalTransform, normalize, tokenizer_for
 from faults import DataError, NonFiniteLoss
 from model import ModelConfig, TwoTowerModel
 
@@ -210,7 +210,7 @@ def load(path, device="cpu"):
         model, preprocess, tokenizer = load("runs/xclip/ckpt.pt")"""
     model, _ = load_model(path, device)
     transform = EvalTransform(model.config.image_size)
-    return model, lambda image: normalize(transform(image)), Tokenizer(model.config.context_length)
+    return model, lambda image: normalize(transform(image)), tokenizer_for(model.config)
 
 
 def load_model(path, device):

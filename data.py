@@ -15,7 +15,7 @@ import tarfile
 import numpy as np
 import tiktoken
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from faults import DataError
@@ -74,6 +74,46 @@ class Tokenizer:
     def decode(self, tokens):  # one row -> the caption (truncated captions stay truncated)
         ids = tokens.tolist()
         return self.encoding.decode(ids[: ids.index(self.eot_token_id)])
+
+
+class CLIPTokenizer(Tokenizer):
+    """CLIP's own BPE (49,408 tokens; what OpenAI's weights and open_clip's ViTs read), from
+    open_clip, with Tokenizer's interface: [<start_of_text>, tokens..., <end_of_text>, 0,
+    ...], cut to the context length with the end-of-text token kept. trim_padding and
+    padded_length are Tokenizer's: they need only eot_token_id."""
+
+    def __init__(self, context_length=77):
+        try:
+            from open_clip.tokenizer import SimpleTokenizer
+        except ImportError as error:  # open_clip itself, or torchvision, which it imports
+            raise DataError(f"the clip tokenizer is open_clip's: pip install open_clip_torch "
+                            f"({error})") from None
+        self.bpe = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.eot_token_id = self.bpe.eot_token_id
+
+    def __call__(self, texts):  # list of str -> (N, context_length) int64
+        return self.bpe(list(texts))
+
+    def decode(self, tokens):  # one row -> the caption, lower-cased as CLIP's BPE cleans it
+        ids = tokens.tolist()
+        return self.bpe.decode(ids[1: ids.index(self.eot_token_id)]).strip()
+
+
+TOKENIZERS = {"cl100k": Tokenizer, "clip": CLIPTokenizer}
+
+
+def tokenizer_for(config):
+    """The tokenizer of a model: ModelConfig.tokenizer names it, at its context length. Its
+    end-of-text token must be the config's, where the text tower pools."""
+    if config.tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {config.tokenizer!r} (have {', '.join(TOKENIZERS)})")
+    tokenizer = TOKENIZERS[config.tokenizer](config.context_length)
+    if tokenizer.eot_token_id != config.eot_token_id:
+        raise DataError(f"the {config.tokenizer} tokenizer ends a caption with token "
+                        f"{tokenizer.eot_token_id}, the model pools at {config.eot_token_id}: "
+                        f"pass --eot-token-id {tokenizer.eot_token_id}")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -137,14 +177,16 @@ class EvalTransform:
 
 # ----------------------------------------------------------------------------- files on disk
 
+EXIF_ORIENTATION = 0x0112
 # Larger images are refused before they are decoded (a 12000 x 12000 PNG takes 1.6 GB).
 MAX_IMAGE_PIXELS = 64 * 2**20
 
 
 def open_image(path, size=None):
     """The image at `path` as RGB, or None when it is missing, truncated, corrupt or over
-    MAX_IMAGE_PIXELS. A JPEG is decoded at the smallest scale that keeps its shorter side
-    at least `size`. High-bit-depth images are scaled to 8 bits, not clipped."""
+    MAX_IMAGE_PIXELS, upright as its EXIF orientation says (phone photos are stored
+    sideways with a tag). A JPEG is decoded at the smallest scale that keeps its shorter
+    side at least `size`. High-bit-depth images are scaled to 8 bits, not clipped."""
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
@@ -153,6 +195,8 @@ def open_image(path, size=None):
                 scale = min(image.width, image.height) / size
                 wanted = (math.ceil(image.width / scale), math.ceil(image.height / scale))
                 image.draft("RGB", wanted)
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
@@ -175,8 +219,8 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
     if not os.path.isfile(path):
         raise DataError(f"caption file not found: {path}")
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
+    try:  # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of a column name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             if path.endswith(".jsonl"):
                 rows = [json.loads(line) for line in f if line.strip()]
             else:
@@ -188,16 +232,37 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
         raise DataError(f"{path}: not JSON lines ({error})") from None
     if not rows:
         raise DataError(f"{path}: no rows")
+    pairs = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {number} is not an object")
         missing = [key for key in (image_key, caption_key) if row.get(key) is None]
+        if missing and not path.endswith(".jsonl") and all(key in row for key in missing):
+            filled = sum(value is not None for value in row.values())
+            raise DataError(f"{path}: row {number} is short: no value for "
+                            f"{', '.join(map(repr, missing))} (it has {filled} of the header's "
+                            f"{len(row)} columns)")
         if missing:
-            wanted, have = ", ".join(map(repr, missing)), ", ".join(row)
+            wanted, have = ", ".join(map(repr, missing)), ", ".join(map(str, row))
             where = "no column" if number == 1 else f"row {number} has no"
             raise DataError(f"{path}: {where} {wanted} (have {have})")
-    return [(os.path.normpath(os.path.join(folder, str(row[image_key]))), str(row[caption_key]))
-            for row in rows]
+        image, captions = row[image_key], row[caption_key]
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(image, str) or not (isinstance(captions, list)
+                                              and all(isinstance(c, str) for c in captions)):
+            raise DataError(f"{path}: row {number}: {image_key!r} must be a path and "
+                            f"{caption_key!r} a caption or a list of captions (got "
+                            f"{type(image).__name__} and {type(row[caption_key]).__name__})")
+        image = os.path.normpath(os.path.join(folder, image))
+        pairs += [(image, caption) for caption in captions]  # a list: captions of one image
+    return pairs
+
+
+def has_words(caption):
+    """Whether a caption has anything a reader sees: not only spaces, tabs, zero-width
+    or other invisible characters."""
+    return any(character.isprintable() and not character.isspace() for character in caption)
 
 
 # Image files read from folders; in tar shards, the first of these beside a caption.
@@ -214,7 +279,7 @@ def read_image_folder(root):
     label)]), classes in sorted folder order, as torchvision's ImageFolder numbers them."""
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root}")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    folders = sorted(entry.name for entry in os.scandir(root) if is_folder(entry))
     if not folders:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     samples, empty = [], []
@@ -227,6 +292,15 @@ def read_image_folder(root):
         raise DataError(f"{root}: {len(empty)} class folder(s) without images: "
                         f"{name_examples(empty)}")
     return folders, samples
+
+
+def is_folder(entry):
+    """Whether a directory entry is a folder, links followed; a link that loops or leads
+    nowhere is not."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def read_lines(path, expected_count=None):
@@ -254,7 +328,11 @@ def group_captions_by_image(pairs):
     if len(unique) < len(pairs):
         print(f"dropped {len(pairs) - len(unique)} repeated (image, caption) row(s)",
               file=sys.stderr)
-    pairs = unique
+    pairs = [(path, caption) for path, caption in unique if has_words(caption)]
+    if len(pairs) < len(unique):
+        print(f"skipped {len(unique) - len(pairs)} empty caption(s)", file=sys.stderr)
+    if not pairs:
+        raise DataError("no row has a caption")
     image_index = {}
     for path, _ in pairs:
         image_index.setdefault(path, len(image_index))
@@ -332,10 +410,10 @@ class CaptionTableDataset(Dataset):
         skipped = no_skips()
         for offset in range(len(self.pairs)):
             image_path, caption = self.pairs[(index + offset) % len(self.pairs)]
-            image = open_image(image_path, self.transform.size) if caption.strip() else None
+            image = open_image(image_path, self.transform.size) if has_words(caption) else None
             if image is not None:
                 return self.transform(image, rng), self.tokenizer([caption])[0], skipped
-            skipped[SKIP_REASONS.index("bad_caption" if not caption.strip() else "bad_image")] += 1
+            skipped[SKIP_REASONS.index("bad_image" if has_words(caption) else "bad_caption")] += 1
         raise DataError(f"{self.path}: not one readable image with a caption")
 
 
@@ -461,6 +539,8 @@ class TarShardStream(IterableDataset):
 
     def decode(self, files, skipped, rng):
         caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+        if not has_words(caption):
+            caption = ""
         image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
         readable = caption and image_bytes is not None
         image = open_image(io.BytesIO(image_bytes), self.transform.size) if readable else None

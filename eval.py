@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import (EvalTransform, IndexedImages, Tokenizer, collate_readable,
+from data import (EvalTransform, IndexedImages, collate_readable,
                   group_captions_by_image, make_loader, name_examples, normalize, open_image,
-                  read_caption_table, read_image_folder, read_lines)
+                  read_caption_table, read_image_folder, read_lines, tokenizer_for)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
                     one_character, positive_float, positive_int, writing)
 from model import autocast_context, default_device
@@ -566,13 +566,14 @@ def build_parser():
 
 def run_task(args, model, checkpoint):
     """The metrics of the task the command line names, and its default output file."""
-    tokenizer = Tokenizer(model.config.context_length)
+    tokenizer = tokenizer_for(model.config)
     loading = dict(batch_size=args.batch_size, workers=args.workers)
     if args.task == "synthetic":
         trained = checkpoint["args"]
         metrics = synthetic_evaluation(model, tokenizer, args.device, num_samples=args.val_samples,
                                        seed=trained["seed"],
-                                       num_heldout_pairs=trained["synthetic_heldout_pairs"],
+                                       num_heldout_pairs=trained.get("synthetic_heldout_pairs",
+                                                                     4),
                                        batch_size=args.batch_size)
         return metrics, "eval_synthetic.json"
     probing = args.task in ("linear-probe", "knn")

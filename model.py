@@ -44,6 +44,9 @@ class ModelConfig:
     text_heads: int = _field(8, "text tower attention heads")
     embed_dim: int = _field(512, "CLIP joint embedding dimension")
     mlp_ratio: int = _field(4, "MLP hidden width as a multiple of the block width")
+    quick_gelu: bool = _field(
+        False, "QuickGELU, x * sigmoid(1.702 x), in the towers' MLPs instead of GELU: what "
+               "OpenAI's CLIP weights were trained with (interop.py import sets it)")
     num_prototypes: int = _field(16384, "nCLIP prototypes K")
     head_hidden_dim: int = _field(2048, "nCLIP head MLP hidden width")
     head_bottleneck_dim: int = _field(256, "nCLIP head bottleneck before the prototypes")
@@ -52,6 +55,9 @@ class ModelConfig:
         True, "subtract each prototype logit's batch mean before the softmaxes (see "
               "PrototypeHead); on in every preset")
     eot_token_id: int = _field(100257, "end-of-text token, where the text tower pools")
+    tokenizer: str = _field(
+        "cl100k", "the captions' BPE (data.tokenizer_for): cl100k (tiktoken's cl100k_base) or "
+                  "clip (CLIP's 49,408 tokens, from open_clip: what OpenAI's weights read)")
 
 
 PRESETS = {
@@ -98,24 +104,28 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width, ratio):
+    def __init__(self, width, ratio, quick_gelu=False):
         super().__init__()
         self.fc = nn.Linear(width, ratio * width)
         self.proj = nn.Linear(ratio * width, width)
+        self.quick_gelu = quick_gelu
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x)))
+        hidden = self.fc(x)
+        # QuickGELU, CLIP's sigmoid approximation of GELU, for OpenAI's weights
+        hidden = hidden * torch.sigmoid(1.702 * hidden) if self.quick_gelu else F.gelu(hidden)
+        return self.proj(hidden)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, width, heads, mlp_ratio, causal):
+    def __init__(self, width, heads, mlp_ratio, causal, quick_gelu=False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio)
+        self.mlp = MLP(width, mlp_ratio, quick_gelu)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -123,9 +133,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, mlp_ratio, causal):
+    def __init__(self, width, layers, heads, mlp_ratio, causal, quick_gelu=False):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal, quick_gelu)
+                                    for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x):
@@ -192,7 +203,7 @@ class VisionTransformer(nn.Module):
             torch.randn(num_patches + 1, c.vision_width) * c.vision_width ** -0.5)
         self.ln_pre = nn.LayerNorm(c.vision_width)
         self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads,
-                                       c.mlp_ratio, causal=False)
+                                       c.mlp_ratio, causal=False, quick_gelu=c.quick_gelu)
         self.ln_post = nn.LayerNorm(c.vision_width)
 
     def forward(self, images):  # (B, 3, H, W) -> (B, vision_width)
@@ -213,7 +224,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
         self.position_embedding = nn.Parameter(torch.randn(c.context_length, c.text_width) * 0.01)
         self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads,
-                                       c.mlp_ratio, causal=True)
+                                       c.mlp_ratio, causal=True, quick_gelu=c.quick_gelu)
         self.ln_final = nn.LayerNorm(c.text_width)
 
     def forward(self, tokens):  # (B, L) -> (B, text_width)

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from checkpoint import (CheckpointWriter, check_resumable, initialize_from, read_checkpoint,
                         restore_checkpoint)
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, EvalTransform, ResumableSampler,
-                  TarShardStream, Tokenizer, TrainTransform, expand_shards, make_loader,
-                  name_examples, normalize, stream_seed)
+                  TOKENIZERS, TarShardStream, TrainTransform, expand_shards, make_loader,
+                  name_examples, normalize, stream_seed, tokenizer_for)
 from distributed import all_reduce_sum
 from eval import (HEADLINE_METRICS, NAMED_CLASSNAMES, caption_retrieval, dataset_name,
                   folder_zero_shot, synthetic_evaluation, synthetic_zero_shot)
@@ -54,6 +54,9 @@ def add_model_flags(parser):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             model_flags.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                     help=f.metadata["help"])
+        elif f.type is str:
+            model_flags.add_argument(flag, choices=tuple(TOKENIZERS), default=None,
                                      help=f.metadata["help"])
         else:
             model_flags.add_argument(flag, type=positive_int, default=None,
@@ -210,7 +213,7 @@ def model_config_from_args(args):
     """The --model preset, or --init-from's architecture, with every model-field flag
     that was given."""
     overrides = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
-    if args.init_from:
+    if getattr(args, "init_from", None):  # experiments/tower_probe.py has no --init-from
         saved = ModelConfig(**read_checkpoint(args.init_from)["model_config"])
         return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
     return model_config(args.model, **overrides)
@@ -787,7 +790,7 @@ def train(args, stop):
     writer = CheckpointWriter(os.path.join(args.out_dir, "ckpt.pt"), vars(args),
                               args.save_optimizer)
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)
-    tokenizer = Tokenizer(model.config.context_length)
+    tokenizer = tokenizer_for(model.config)
     batches = iter(build_train_loader(args, tokenizer, model.config.image_size, rank, world_size,
                                       start_sample=start_step * args.global_batch))
     bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=rank != 0,

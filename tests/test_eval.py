@@ -244,7 +244,8 @@ def dino_knn(train_x, train_y, test_x, k, temperature, classes):
     predictions = []
     for query in test_x:
         similarity, nearest = (train_x @ query).topk(k)
-        votes = torch.zeros(classes).index_add_(0, train_y[nearest], (similarity / temperature).exp())
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(classes).index_add_(0, train_y[nearest], weights)
         predictions.append(int(votes.argmax()))
     return torch.tensor(predictions)
 

@@ -187,7 +187,7 @@ def corrupt_shards(folder):
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_tar_shards_without_a_usable_sample_stop_instead_of_hanging(tmp_path, workers):
     pattern = corrupt_shards(tmp_path)
-    result = run_train(*MINI, "--train-data", pattern, "--train-num-samples", "6",
+    result = run_train(*MINI, "--train-data", pattern, "--train-num-samples", "16",
                        "--workers", workers, "--out-dir", str(tmp_path / "o"), timeout=120)
     assert_one_line_error(result, "gave no usable sample")
 
@@ -197,7 +197,7 @@ def test_empty_tar_shards_stop_instead_of_hanging(tmp_path):
     subprocess.run(["tar", "cf", str(tmp_path / "00001.tar"), "--files-from", "/dev/null"],
                    check=True)
     result = run_train(*MINI, "--train-data", str(tmp_path / "{00000..00001}.tar"),
-                       "--train-num-samples", "6", "--out-dir", str(tmp_path / "o"), timeout=120)
+                       "--train-num-samples", "16", "--out-dir", str(tmp_path / "o"), timeout=120)
     assert_one_line_error(result, "hold no sample")
 
 
@@ -305,7 +305,7 @@ def test_a_stop_signal_ends_a_run_stuck_waiting_for_data(tmp_path):
     os.mkfifo(shard)  # opening it for reading blocks until a writer comes: it never does
     process = subprocess.Popen(
         [sys.executable, "train.py", *MINI, "--train-data", str(shard), "--train-num-samples",
-         "4", "--out-dir", str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE,
+         "16", "--out-dir", str(tmp_path / "o")], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     assert "parameters" in process.stdout.readline()  # its first line: the model is built
     time.sleep(3)  # and it waits for its first batch, which never comes
@@ -411,6 +411,66 @@ def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "t.csv").write_bytes(b"filepath,title\na.png,caf\xe9\n")
     with pytest.raises(data.DataError, match="not UTF-8"):
         data.read_caption_table(str(tmp_path / "t.csv"))
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_columns(tmp_path):
+    (tmp_path / "t.csv").write_text("filepath,title\na.png,a cat\n", encoding="utf-8-sig")
+    assert data.read_caption_table(str(tmp_path / "t.csv")) == [(str(tmp_path / "a.png"),
+                                                                 "a cat")]
+
+
+def test_a_short_csv_row_is_named_as_short(tmp_path):
+    (tmp_path / "t.csv").write_text("filepath,title\na.png,a cat\nb.png\n")
+    with pytest.raises(data.DataError, match=r"row 2 is short: no value for 'title' \(it has 1 "
+                                             r"of the header's 2 columns\)"):
+        data.read_caption_table(str(tmp_path / "t.csv"))
+
+
+def test_a_jsonl_caption_list_is_several_captions_of_one_image(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"filepath": "a.png", "title": ["a cat", "a pet"]}\n')
+    assert data.read_caption_table(str(tmp_path / "t.jsonl")) == [
+        (str(tmp_path / "a.png"), "a cat"), (str(tmp_path / "a.png"), "a pet")]
+    (tmp_path / "t.jsonl").write_text('{"filepath": "a.png", "title": {"en": "a cat"}}\n')
+    with pytest.raises(data.DataError, match="a caption or a list of captions"):
+        data.read_caption_table(str(tmp_path / "t.jsonl"))
+
+
+def test_invisible_captions_are_empty_captions(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "t.csv").write_text("filepath,title\na.png,\u200b\u200b \t\nb.png,a cat\n")
+    dataset = data.CaptionTableDataset(str(tmp_path / "t.csv"), data.EvalTransform(8),
+                                       data.Tokenizer(8))
+    _, tokens, skipped = dataset[0]  # row 0's caption is invisible: row 1 stands in
+    assert dataset.tokenizer.decode(tokens) == "a cat"
+    assert skipped.tolist() == [0, 1, 0]  # bad_image, bad_caption, bad_shard
+    pairs = data.read_caption_table(str(tmp_path / "t.csv"))
+    assert data.group_captions_by_image(pairs)[1] == ["a cat"]  # retrieval skips it too
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    """Stored 20 x 10, red left and blue right, tagged 'rotate 90 degrees clockwise to
+    show' (EXIF orientation 6): shown 10 x 20, red on top."""
+    stored = Image.new("RGB", (20, 10), (255, 0, 0))
+    stored.paste((0, 0, 255), (10, 0, 20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image = data.open_image(str(tmp_path / "phone.jpg"), size=8)
+    assert image.size == (10, 20)
+    top, bottom = image.getpixel((5, 2)), image.getpixel((5, 17))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+def test_an_image_folder_with_symlink_loops_is_read(tmp_path):
+    for label in ("cat", "dog"):
+        os.makedirs(tmp_path / label)
+        Image.new("RGB", (8, 8)).save(tmp_path / label / "0.png")
+    os.symlink("loop", tmp_path / "loop")  # a link to itself
+    os.symlink("x.png", tmp_path / "cat" / "x.png")
+    folders, samples = data.read_image_folder(str(tmp_path))
+    assert folders == ["cat", "dog"] and len(samples) == 3
+    assert data.open_image(samples[1][0]) is None  # the looping x.png: skipped, counted
 
 
 def test_retrieval_rows_repeated_or_spelled_twice_count_once(tmp_path):

@@ -1,0 +1,1 @@
+"""torchvision.ops: only ops.misc is named (see the package)."""

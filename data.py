@@ -388,18 +388,20 @@ def skip_text(skipped):
 
 
 class CaptionTableDataset(Dataset):
-    """Training pairs from a CSV/TSV/JSONL caption table. A pair whose image will not
-    decode or whose caption is empty is passed over for the next row, and counted.
+    """Training pairs from a CSV/TSV/JSONL caption table (or, given `pairs` and `load`,
+    any held_out_pairs). A pair whose image will not decode or whose caption is empty is
+    passed over for the next row, and counted.
 
     Item `epoch * len(table) + row` (what ResumableSampler yields) is that row with the
     crop drawn from a generator seeded by (seed, epoch, row): the same on every run and
     every resume, whichever worker reads it."""
 
     def __init__(self, path, transform, tokenizer, image_key="filepath", caption_key="title",
-                 separator=None, seed=0):
+                 separator=None, seed=0, pairs=None, load=None):
         self.path, self.transform, self.tokenizer = path, transform, tokenizer
-        self.pairs = read_caption_table(path, image_key, caption_key, separator)
-        self.seed = seed
+        self.pairs = (pairs if pairs is not None
+                      else read_caption_table(path, image_key, caption_key, separator))
+        self.load, self.seed = load or open_image, seed
 
     def __len__(self):
         return len(self.pairs)
@@ -410,7 +412,7 @@ class CaptionTableDataset(Dataset):
         skipped = no_skips()
         for offset in range(len(self.pairs)):
             image_path, caption = self.pairs[(index + offset) % len(self.pairs)]
-            image = open_image(image_path, self.transform.size) if has_words(caption) else None
+            image = self.load(image_path, self.transform.size) if has_words(caption) else None
             if image is not None:
                 return self.transform(image, rng), self.tokenizer([caption])[0], skipped
             skipped[SKIP_REASONS.index("bad_image" if has_words(caption) else "bad_caption")] += 1
@@ -455,6 +457,63 @@ def tar_samples(path):
             files[extension.lower()] = tar.extractfile(member).read()
     if files:
         yield key, files
+
+
+def shard_caption(files):
+    """A tar sample's caption, its .txt; "" when it has no words."""
+    caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+    return caption if has_words(caption) else ""
+
+
+def shard_image(files):
+    """The bytes of a tar sample's image, the first of IMAGE_EXTENSIONS it has; or None."""
+    return next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+
+
+def open_image_bytes(data, size=None):
+    """open_image for an image held in memory (a tar sample's)."""
+    return open_image(io.BytesIO(data), size)
+
+
+def read_shard_pairs(pattern):
+    """Every (image bytes, caption) of webdataset tar shards, in shard order, held in
+    memory for evaluation (CC3M's validation split, 13k pairs, is about 0.3 GB). Samples
+    without a caption or an image, and unreadable shards, are left out and counted.
+    -> (pairs, {reason: count} by SKIP_REASONS)"""
+    shards = expand_shards(pattern)
+    missing = [path for path in shards if not os.path.exists(path)]
+    if missing:
+        raise DataError(f"{pattern}: {len(missing)} of {len(shards)} shards missing: "
+                        f"{name_examples(missing)}")
+    pairs, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
+    for shard in shards:
+        try:
+            for _, files in tar_samples(shard):
+                caption, image = shard_caption(files), shard_image(files)
+                if caption and image is not None:
+                    pairs.append((image, caption))
+                else:
+                    skipped["bad_image" if caption else "bad_caption"] += 1
+        except (tarfile.TarError, OSError, EOFError):
+            skipped["bad_shard"] += 1  # the samples before the damage are kept
+    if not pairs:
+        raise DataError(f"{pattern}: no sample with an image and a caption in {len(shards)} "
+                        f"shard(s)")
+    return pairs, skipped
+
+
+def is_caption_table(path):
+    return path.endswith((".csv", ".tsv", ".jsonl"))
+
+
+def held_out_pairs(path, image_key="filepath", caption_key="title", separator=None):
+    """The (image, caption) pairs of a caption table or of tar shards, the function that
+    opens their images (open_image for a table's paths, open_image_bytes for the shards'
+    bytes), and the samples the shards left out, by reason."""
+    if is_caption_table(path):
+        return read_caption_table(path, image_key, caption_key, separator), open_image, {}
+    pairs, skipped = read_shard_pairs(path)
+    return pairs, open_image_bytes, skipped
 
 
 class TarShardStream(IterableDataset):
@@ -538,12 +597,9 @@ class TarShardStream(IterableDataset):
                                 f"usable sample ({skip_text(skipped)})")
 
     def decode(self, files, skipped, rng):
-        caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
-        if not has_words(caption):
-            caption = ""
-        image_bytes = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        caption, image_bytes = shard_caption(files), shard_image(files)
         readable = caption and image_bytes is not None
-        image = open_image(io.BytesIO(image_bytes), self.transform.size) if readable else None
+        image = open_image_bytes(image_bytes, self.transform.size) if readable else None
         if image is None:
             skipped[SKIP_REASONS.index("bad_image" if caption else "bad_caption")] += 1
             return None

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import load_model
-from data import (EvalTransform, IndexedImages, collate_readable,
-                  group_captions_by_image, make_loader, name_examples, normalize, open_image,
-                  read_caption_table, read_image_folder, read_lines, tokenizer_for)
+from data import (EvalTransform, IndexedImages, collate_readable, group_captions_by_image,
+                  held_out_pairs, is_caption_table, make_loader, name_examples, normalize,
+                  open_image, read_image_folder, read_lines, tokenizer_for)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
                     one_character, positive_float, positive_int, writing)
 from model import autocast_context, default_device
@@ -247,15 +247,17 @@ def knn_probe(train_features, train_labels, test_features, test_labels, *, k=20,
 # -------------------------------------------------------------------------- folders, caption files
 
 def readable_image_features(model, paths, device, *, projected=True, batch_size=256, workers=0,
-                            desc="images"):
-    """Features of the images at `paths` that can be read, the row indices into
-    `paths`, and how many were skipped (printed with the first few names)."""
-    dataset = IndexedImages(paths, open_image, EvalTransform(model.config.image_size))
+                            desc="images", load=open_image):
+    """Features of the images at `paths` (or whatever `load` opens, e.g. a tar sample's
+    bytes with open_image_bytes) that can be read, the row indices into `paths`, and how
+    many were skipped (printed with the first few names)."""
+    dataset = IndexedImages(paths, load, EvalTransform(model.config.image_size))
     features, indices = image_features(model, dataset, device, projected=projected,
                                        batch_size=batch_size, workers=workers, desc=desc)
     skipped = sorted(set(range(len(paths))) - set(indices.tolist()))
     if skipped:
-        names = name_examples([paths[i] for i in skipped])
+        names = name_examples([paths[i] if isinstance(paths[i], str) else f"sample {i}"
+                               for i in skipped])
         print(f"skipped {len(skipped)} unreadable image(s): {names}", file=sys.stderr)
     return features, indices, len(skipped)
 
@@ -293,11 +295,17 @@ def folder_zero_shot(model, tokenizer, root, device, *, classnames_file=None,
 
 def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
                       caption_key="title", separator=None, batch_size=256, workers=0):
-    """Recall@K both ways on a caption table, several rows per image allowed."""
-    pairs = read_caption_table(path, image_key, caption_key, separator)
-    image_paths, captions, caption_image = group_captions_by_image(pairs)
+    """Recall@K both ways on a caption table, several rows per image allowed, or on
+    webdataset tar shards, a caption per image."""
+    pairs, load, shard_skips = held_out_pairs(path, image_key, caption_key, separator)
+    if is_caption_table(path):
+        image_paths, captions, caption_image = group_captions_by_image(pairs)
+    else:
+        image_paths, captions = [image for image, _ in pairs], [caption for _, caption in pairs]
+        caption_image = list(range(len(pairs)))
     image_embeddings, kept, skipped = readable_image_features(
-        model, image_paths, device, batch_size=batch_size, workers=workers)
+        model, image_paths, device, batch_size=batch_size, workers=workers, load=load)
+    skipped += shard_skips.get("bad_image", 0)
     # Captions of a skipped image leave with it; the kept images are renumbered 0..n-1.
     new_index = torch.full((len(image_paths),), -1, dtype=torch.long)
     new_index[kept] = torch.arange(len(kept))
@@ -306,7 +314,10 @@ def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
     caption_embeddings = text_embeddings(model, tokenizer, captions, device, batch_size)
     readable = caption_image >= 0
     recall = retrieval_recall(image_embeddings, caption_embeddings, caption_image[readable])
-    return {**recall, "images": len(kept), "captions": len(captions), "skipped_images": skipped}
+    shard_counts = {f"skipped_{reason.removeprefix('bad_')}s": shard_skips[reason]
+                    for reason in ("bad_caption", "bad_shard") if shard_skips.get(reason)}
+    return {**recall, "images": len(kept), "captions": len(captions), "skipped_images": skipped,
+            **shard_counts}
 
 
 def file_digest(path, chunk_size=2**20):
@@ -494,8 +505,11 @@ def print_table(metrics, file=sys.stdout):
 
 
 def dataset_name(path):
-    """'imagenet' for imagenet/val/, 'coco_5k' for coco_5k.csv: the keys of the metrics."""
+    """'imagenet' for imagenet/val/, 'coco_5k' for coco_5k.csv, 'cc3m_val' for
+    cc3m_val/{00000..00015}.tar: the keys of the metrics."""
     path = os.path.abspath(path)
+    if path.endswith(".tar") or "{" in path:  # tar shards: the folder holding them
+        path = os.path.dirname(path)
     name = os.path.splitext(os.path.basename(path))[0]
     if name in ("train", "val", "test", "images"):
         return os.path.basename(os.path.dirname(path))
@@ -530,7 +544,8 @@ def build_parser():
                                  help="image<->text retrieval on captioned images")
     retrieval.add_argument("--data", required=True,
                            help="CSV, TSV or JSONL of image paths (relative to the file) and "
-                                "captions; several rows per image allowed")
+                                "captions, several rows per image allowed; or webdataset tar "
+                                "shards, e.g. 'cc3m_val/{00000..00015}.tar'")
     retrieval.add_argument("--csv-img-key", default="filepath", help="column of the image paths")
     retrieval.add_argument("--csv-caption-key", default="title", help="column of the captions")
     retrieval.add_argument("--csv-separator", type=one_character, default=None,

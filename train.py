@@ -29,8 +29,9 @@ from tqdm import tqdm
 from checkpoint import (CheckpointWriter, check_resumable, initialize_from, read_checkpoint,
                         restore_checkpoint)
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, EvalTransform, ResumableSampler,
-                  TOKENIZERS, TarShardStream, TrainTransform, expand_shards, make_loader,
-                  name_examples, normalize, stream_seed, tokenizer_for)
+                  TOKENIZERS, TarShardStream, TrainTransform, expand_shards, held_out_pairs,
+                  is_caption_table, make_loader, name_examples, normalize, stream_seed,
+                  tokenizer_for)
 from distributed import all_reduce_sum
 from eval import (HEADLINE_METRICS, NAMED_CLASSNAMES, caption_retrieval, dataset_name,
                   folder_zero_shot, synthetic_evaluation, synthetic_zero_shot)
@@ -132,9 +133,10 @@ def build_parser():
     data.add_argument("--csv-separator", type=one_character, default=None,
                       help="caption table separator (default: tab for .tsv, else comma)")
     data.add_argument("--val-data", default=None,
-                      help="caption table (.csv/.tsv/.jsonl) of held-out pairs: at --val-every, "
-                           "the validation loss and both retrieval recalls, logged under the "
-                           "keys of eval.py retrieval (open_clip's --val-data)")
+                      help="held-out pairs, a caption table (.csv/.tsv/.jsonl) or tar shards "
+                           "(e.g. CC3M's validation split): at --val-every, the validation "
+                           "loss and both retrieval recalls, logged under the keys of eval.py "
+                           "retrieval (open_clip's --val-data)")
     data.add_argument("--shuffle-buffer", type=positive_int, default=1000,
                       help="tar shards: samples held per loader worker to shuffle within")
     data.add_argument("--synthetic-loose-fraction", type=fraction, default=0.15,
@@ -230,10 +232,14 @@ def check_flags(args):
     if os.path.isdir(args.train_data):
         return (f"--train-data {args.train_data} is a folder: it takes 'synthetic', a "
                 ".csv/.tsv/.jsonl caption table of image paths and captions, or tar shards")
-    if args.val_data and not args.val_data.endswith((".csv", ".tsv", ".jsonl")):
-        return f"--val-data {args.val_data}: not a .csv, .tsv or .jsonl caption table"
-    if args.val_data and not os.path.isfile(args.val_data):
+    if args.val_data and is_caption_table(args.val_data) and not os.path.isfile(args.val_data):
         return f"--val-data {args.val_data}: no such file"
+    if args.val_data and not is_caption_table(args.val_data):
+        shards = expand_shards(args.val_data)
+        missing = [path for path in shards if not os.path.exists(path)]
+        if missing:
+            return (f"--val-data {args.val_data}: {len(missing)} of {len(shards)} shards "
+                    f"missing: {name_examples(missing)} (it takes a caption table or tar shards)")
     if args.val_data and not args.val_every:
         return "--val-data is scored at --val-every steps; pass --val-every N"
     if args.init_from and not os.path.isfile(args.init_from):
@@ -709,9 +715,10 @@ def validation_loss(trainee, tokenizer, args, device):
     (nCLIP centers with its running center), the objective's state left as it is, the
     last partial batch left out. -> {"val/<name>/loss": the mean over batches}"""
     model, objective = trainee.model, trainee.objective
+    pairs, load, _ = held_out_pairs(args.val_data, args.csv_img_key, args.csv_caption_key,
+                                    args.csv_separator)
     dataset = CaptionTableDataset(args.val_data, EvalTransform(model.config.image_size),
-                                  tokenizer, args.csv_img_key, args.csv_caption_key,
-                                  args.csv_separator, args.seed)
+                                  tokenizer, seed=args.seed, pairs=pairs, load=load)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     global_batch = args.batch_size * world_size
     batches = len(dataset) // global_batch

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MINI, ROOT, SMALL_MODEL, run_script, run_train
+from conftest import MINI, ROOT, SMALL_MODEL, run_script, run_train, write_tar_shards
 from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
@@ -150,23 +150,35 @@ def test_plot_without_a_log_is_one_line(tmp_path):
     assert result.returncode == 2 and "no log.jsonl there" in result.stderr
 
 
-def test_val_data_logs_what_eval_py_retrieval_scores_on_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("source", ["table", "shards"])
+def test_val_data_logs_what_eval_py_retrieval_scores_on_the_checkpoint(tmp_path, source):
     """--val-data at --val-every: the loss and eval.py retrieval's keys and values; with
     --keep-every the step checkpoints stay, and --no-save-optimizer's cannot resume."""
-    export(str(tmp_path / "data"), num_images=24)
-    table, out_dir = str(tmp_path / "data" / "captions.csv"), tmp_path / "run"
-    result = run_train(*MINI, "--steps", "6", "--val-data", table, "--val-every", "3",
+    if source == "table":
+        export(str(tmp_path / "held_out"), num_images=24)
+        pairs = str(tmp_path / "held_out" / "captions.csv")
+    else:  # 32 samples, one with a truncated image and one with an empty caption
+        os.makedirs(tmp_path / "held_out")
+        write_tar_shards(str(tmp_path / "held_out"), 2, 16, truncated={3}, empty_caption={20})
+        pairs = str(tmp_path / "held_out" / "{00000..00001}.tar")
+    out_dir = tmp_path / "run"
+    result = run_train(*MINI, "--steps", "6", "--val-data", pairs, "--val-every", "3",
                        "--keep-every", "3", "--no-save-optimizer", "--out-dir", str(out_dir))
     assert result.returncode == 0, result.stderr[-2000:]
+    name = "captions" if source == "table" else "held_out"
     with open(out_dir / "log.jsonl") as f:
-        evaluations = [json.loads(line) for line in f if "val/captions/loss" in line]
+        evaluations = [json.loads(line) for line in f if f"val/{name}/loss" in line]
     assert [line["step"] for line in evaluations] == [3, 6]
     evaluated = run_script("eval.py", "retrieval", "--checkpoint", str(out_dir / "ckpt.pt"),
-                           "--data", table, "--workers", "0", "--output", str(tmp_path / "r.json"))
+                           "--data", pairs, "--workers", "0", "--output", str(tmp_path / "r.json"))
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((tmp_path / "r.json").read_text())
-    assert "retrieval/captions/image_to_text/R@1" in metrics
+    assert f"retrieval/{name}/image_to_text/R@1" in metrics
     assert {key: evaluations[-1][key] for key in metrics} == metrics
+    if source == "shards":
+        assert (metrics["retrieval/held_out/images"] == 30
+                and metrics["retrieval/held_out/skipped_images"] == 1
+                and metrics["retrieval/held_out/skipped_captions"] == 1)
 
     kept = {name: torch.load(out_dir / name, weights_only=True) for name in
             ("ckpt_3.pt", "ckpt_6.pt", "ckpt.pt")}

@@ -3,9 +3,15 @@ seeds on the built-in data, evaluated by the same code, and the paper's three cl
 decided from the numbers.
 
     python experiments/claims.py                       # 3 objectives x seeds 0 1 2
+    python experiments/claims.py --noise               # and at two noisier caption levels
     python experiments/claims.py --batch-sizes 64 256  # and each objective at these batches
+    python experiments/claims.py --batch-sizes 64 256 --equal-images   # and at equal images
+    python experiments/claims.py --prototype-ratios 0.5 4 16   # nCLIP's K against the batch
     python experiments/claims.py --ablations           # nCLIP's departures, one at a time
-    python experiments/claims.py --model vit_s16 --steps 5000 -- --device cuda --batch-size 512
+    python experiments/claims.py --model vit_b16 --train-data "cc3m/{00000..00331}.tar" \
+        --zeroshot-data imagenet/val --classnames imagenet --templates openai \
+        --retrieval-data coco_5k.csv --probe-train-data cifar/train --probe-test-data cifar/test \
+        -- --train-num-samples 2800000 --device cuda --batch-size 512 --steps 20000
 
 Run from the repository root. Everything after `--` goes to every train.py run. Writes,
 under --out-dir (default experiments/results/):
@@ -18,6 +24,9 @@ A claim compares two means over seeds. It "holds" when the difference in the cla
 direction exceeds twice its standard error sqrt(sd_a^2/n_a + sd_b^2/n_b), "does not hold"
 when it exceeds twice the standard error the other way, and is "within noise" otherwise.
 With one seed there is no standard error, and the verdict is the sign, marked as such.
+
+On your own data (--train-data), each run is scored by eval.py's commands on the data
+given (zero-shot, retrieval, linear and kNN probes), and the claims are decided from those.
 """
 import argparse
 import json
@@ -30,17 +39,26 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the paper's code
-from eval import HEADLINE_METRICS
+from eval import HEADLINE_METRICS, dataset_name
 from plots import Panel, bar_chart, line_panels
+from train import build_parser as train_parser
 
 OBJECTIVES = ("clip", "nclip", "xclip")
 # column -> key in final_metrics.json (or in the last log line for nclip/*)
-METRICS = {**HEADLINE_METRICS, "nCLIP information": "nclip/information"}
+METRICS = {**HEADLINE_METRICS, "kNN shape": "knn/synthetic_shape/top1",
+           "kNN color": "knn/synthetic_color/top1", "nCLIP information": "nclip/information"}
 ABLATION_METRICS = ("nclip/information", "nclip/same_prototype", "nclip/image_perplexity",
                     "zeroshot/color/top1", "zeroshot/shape/top1",
                     "retrieval/synthetic/image_to_text/R@1", "linear_probe/synthetic_shape/top1")
 ZERO_SHOT = ("zeroshot/shape/top1", "zeroshot/color/top1")
 PROBE = ("linear_probe/synthetic_shape/top1", "linear_probe/synthetic_color/top1")
+KNN = ("knn/synthetic_shape/top1", "knn/synthetic_color/top1")
+# What each claim averages, on the built-in data: (zero-shot, linear probe, kNN probe) keys.
+SYNTHETIC_KEYS = (ZERO_SHOT, PROBE, KNN)
+# Web-style caption noise of the built-in data, (unrelated, loose) caption fractions; the
+# first is train.py's default, where the claims rows are.
+NOISE_LEVELS = ((0.05, 0.15), (0.25, 0.3), (0.5, 0.5))
+
 # Each of nCLIP's departures from the paper's objective, turned off one at a time, then all;
 # then the tiny preset's conv stem, its normalization, and the long warm-up, each off.
 PAPER_FORM = ("--no-center-prototype-logits --entropy-weight 0 --me-max-weight 1 "
@@ -76,6 +94,27 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="preset (default: train.py's, tiny)")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
                    help="also train each objective at these batch sizes, first seed only")
+    p.add_argument("--equal-images", action="store_true",
+                   help="with --batch-sizes: also at equal images seen (steps and warm-up "
+                        "scaled by default batch / batch)")
+    p.add_argument("--noise", action="store_true",
+                   help="also train each objective on every seed at the caption-noise levels "
+                        f"{NOISE_LEVELS[1:]} (unrelated, loose fractions)")
+    p.add_argument("--prototype-ratios", type=float, nargs="*", default=[],
+                   help="also train nCLIP and xCLIP (first seed) with K = ratio x batch "
+                        "prototypes, at each of --prototype-batches")
+    p.add_argument("--prototype-batches", type=int, nargs="+", default=[128, 256],
+                   help="global batches of the --prototype-ratios rows (above --batch-size by "
+                        "--accum-freq)")
+    real = p.add_argument_group("your own data (instead of the built-in data)")
+    real.add_argument("--train-data", default=None,
+                      help="train.py's --train-data: tar shards or a caption table")
+    real.add_argument("--zeroshot-data", help="image folder for zero-shot (claims 1 and 3)")
+    real.add_argument("--classnames", help="its class names (eval.py zeroshot --classnames)")
+    real.add_argument("--templates", help="its prompt templates (eval.py zeroshot --templates)")
+    real.add_argument("--retrieval-data", help="caption table or shards for retrieval")
+    real.add_argument("--probe-train-data", help="image folder the probes are fit on")
+    real.add_argument("--probe-test-data", help="image folder the probes are scored on")
     p.add_argument("--ablations", action="store_true",
                    help="run the nCLIP ablations (first seed) instead of the claims")
     p.add_argument("--val-every", type=int, default=100,
@@ -84,7 +123,52 @@ def parse_args(argv=None):
                    help="where runs, tables and plots go")
     args = p.parse_args(argv)
     args.train_flags = train_flags
+    if args.train_data and not (args.zeroshot_data and args.probe_train_data
+                                and args.probe_test_data):
+        p.error("--train-data needs --zeroshot-data, --probe-train-data and --probe-test-data: "
+                "the claims compare zero-shot and the probes")
     return args
+
+
+def own_data_keys(args):
+    """(columns {label: metric key}, (zero-shot, linear probe, kNN probe) keys) of the
+    eval.py commands a run on --train-data is scored with."""
+    zero_shot = dataset_name(args.zeroshot_data)
+    probe = dataset_name(args.probe_test_data)
+    columns = {f"zero-shot {zero_shot} top-1": f"zeroshot/{zero_shot}/top1"}
+    if args.retrieval_data:
+        retrieval = dataset_name(args.retrieval_data)
+        columns["image→text R@1"] = f"retrieval/{retrieval}/image_to_text/R@1"
+        columns["text→image R@1"] = f"retrieval/{retrieval}/text_to_image/R@1"
+    columns.update({f"probe {probe}": f"linear_probe/{probe}/top1",
+                    f"kNN {probe}": f"knn/{probe}/top1", "nCLIP information": "nclip/information"})
+    keys = ((columns[f"zero-shot {zero_shot} top-1"],), (columns[f"probe {probe}"],),
+            (columns[f"kNN {probe}"],))
+    return columns, keys
+
+
+def eval_commands(args, checkpoint):
+    """The eval.py commands that score a run on your own data: (output file, command)."""
+    folder = os.path.dirname(checkpoint)
+    common = ["--checkpoint", checkpoint] + (["--device", device_flag(args)]
+                                             if device_flag(args) else [])
+    zeroshot = ["zeroshot", "--data", args.zeroshot_data]
+    zeroshot += ["--classnames", args.classnames] if args.classnames else []
+    zeroshot += ["--templates", args.templates] if args.templates else []
+    probes = ["--train-data", args.probe_train_data, "--test-data", args.probe_test_data,
+              "--feature-cache", os.path.join(folder, "features")]
+    tasks = [zeroshot, ["linear-probe", *probes], ["knn", *probes]]
+    if args.retrieval_data:
+        tasks.append(["retrieval", "--data", args.retrieval_data])
+    return [(os.path.join(folder, f"eval_{task[0]}.json"),
+             [sys.executable, os.path.join(ROOT, "eval.py"), *task, *common,
+              "--output", os.path.join(folder, f"eval_{task[0]}.json")]) for task in tasks]
+
+
+def device_flag(args):
+    """The --device of the train.py flags after --, for eval.py too."""
+    flags = args.train_flags
+    return flags[flags.index("--device") + 1] if "--device" in flags[:-1] else None
 
 
 def train_command(args, objective, seed, run_dir, extra=()):
@@ -94,7 +178,17 @@ def train_command(args, objective, seed, run_dir, extra=()):
         command += ["--steps", str(args.steps)]
     if args.model:
         command += ["--model", args.model]
-    return command + list(extra) + args.train_flags
+    if args.train_data:  # and the zero-shot curve on the zero-shot folder
+        command += ["--train-data", args.train_data, "--zeroshot-data", args.zeroshot_data]
+        command += ["--classnames", args.classnames] if args.classnames else []
+    return command + args.train_flags + list(extra)  # a row's own flags win
+
+
+def study_flags(args):
+    """train.py's flags of the claims rows (its defaults, the flags after --, --steps):
+    the reference the batch and prototype rows scale from."""
+    steps = ["--steps", str(args.steps)] if args.steps else []
+    return train_parser().parse_args(args.train_flags + steps)
 
 
 def read_run(run_dir):
@@ -129,6 +223,14 @@ def run(args, name, objective, seed, extra=()):
     with open(os.path.join(run_dir, "wall_seconds")) as f:
         wall_seconds = float(f.read())
     metrics, log = read_run(run_dir)
+    if args.train_data:
+        for output, evaluation in eval_commands(args, os.path.join(run_dir, "ckpt.pt")):
+            if not os.path.exists(output):
+                result = subprocess.run(evaluation, capture_output=True, text=True)
+                if result.returncode != 0:
+                    sys.exit(f"claims.py: error: scoring {name} failed: {result.stderr[-2000:]}")
+            with open(output) as f:
+                metrics.update(json.load(f))
     return {"name": name, "objective": objective, "seed": seed, "command": "python " + printable,
             "wall_seconds": wall_seconds, "metrics": metrics, "log": log}
 
@@ -161,8 +263,12 @@ def verdict(difference, standard_error, n):
     return "within noise"
 
 
-def claim_verdicts(runs_by_objective):
-    """The paper's three claims, each with its verdict and the numbers behind it."""
+def claim_verdicts(runs_by_objective, keys=SYNTHETIC_KEYS):
+    """The paper's three claims, each with its verdict and the numbers behind it; claim 2
+    by the linear probe and by the kNN probe. `keys`: the metric keys of zero-shot, of the
+    linear probe and of the kNN probe, each averaged."""
+    zero_shot_keys, probe_keys, knn_keys = keys
+
     def scores(objective, keys):
         return [score(run, keys) for run in runs_by_objective.get(objective, [])]
 
@@ -171,16 +277,17 @@ def claim_verdicts(runs_by_objective):
         return numbers, verdict(difference, standard_error, n)
 
     claims = []
-    numbers, outcome = line(*compare(scores("clip", ZERO_SHOT), scores("nclip", ZERO_SHOT)))
+    of = "(mean of shape and color top-1)" if keys == SYNTHETIC_KEYS else "(top-1)"
+    numbers, outcome = line(*compare(scores("clip", zero_shot_keys),
+                                     scores("nclip", zero_shot_keys)))
     claims.append(("1. nCLIP alone trails CLIP at zero-shot classification",
-                   f"CLIP − nCLIP, zero-shot (mean of shape and color top-1): {numbers}",
-                   outcome))
-    numbers, outcome = line(*compare(scores("nclip", PROBE), scores("clip", PROBE)))
-    claims.append(("2. The non-contrastive objective helps representation learning",
-                   f"nCLIP − CLIP, linear probe (mean of shape and color top-1): {numbers}",
-                   outcome))
-    zero_shot = compare(scores("xclip", ZERO_SHOT), scores("clip", ZERO_SHOT))
-    probe = compare(scores("xclip", PROBE), scores("clip", PROBE))
+                   f"CLIP − nCLIP, zero-shot {of}: {numbers}", outcome))
+    for probe_name, probe_of in (("linear probe", probe_keys), ("kNN probe", knn_keys)):
+        numbers, outcome = line(*compare(scores("nclip", probe_of), scores("clip", probe_of)))
+        claims.append((f"2. The non-contrastive objective helps representation learning "
+                       f"({probe_name})", f"nCLIP − CLIP, {probe_name} {of}: {numbers}", outcome))
+    zero_shot = compare(scores("xclip", zero_shot_keys), scores("clip", zero_shot_keys))
+    probe = compare(scores("xclip", probe_keys), scores("clip", probe_keys))
     outcomes = [verdict(*zero_shot), verdict(*probe)]
     if all(o.startswith("holds") for o in outcomes):
         outcome = outcomes[0]
@@ -200,13 +307,13 @@ def format_cell(values):
     return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def metrics_table(rows):
-    """Markdown: one row per (label, runs), a column per METRICS entry, mean ± sd."""
-    lines = ["| | runs | " + " | ".join(METRICS) + " | wall time |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+def metrics_table(rows, columns=METRICS):
+    """Markdown: one row per (label, runs), a column per `columns` entry, mean ± sd."""
+    lines = ["| | runs | " + " | ".join(columns) + " | wall time |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- |"]
     for label, runs in rows:
         cells = [format_cell([run["metrics"].get(key, math.nan) for run in runs])
-                 for key in METRICS.values()]
+                 for key in columns.values()]
         wall = statistics.fmean(run["wall_seconds"] for run in runs)
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {wall:.0f} s |")
     return "\n".join(lines)
@@ -246,21 +353,28 @@ def curve(runs, key):
     return steps, [statistics.fmean(by_step[step]) for step in steps]
 
 
-def draw_plots(out_dir, runs_by_objective):
+def draw_plots(out_dir, runs_by_objective, columns=METRICS):
+    """curves.png (training curves, mean over seeds) and bars.png (final metrics)."""
+    if columns is METRICS:
+        zero_shot_curves = (("zero-shot shape top-1 (val)", "zeroshot/shape/top1"),
+                            ("zero-shot color top-1 (val)", "zeroshot/color/top1"))
+        groups = ["zero-shot shape", "zero-shot color", "image→text R@1", "probe shape",
+                  "probe color", "kNN shape", "kNN color"]
+    else:
+        zero_shot = next(label for label in columns if label.startswith("zero-shot"))
+        zero_shot_curves = ((f"{zero_shot} (val)", columns[zero_shot]),)
+        groups = [label for label in columns if label != "nCLIP information"]
     panels = []
     for title, key in (("CLIP loss", "clip/loss"), ("nCLIP loss", "nclip/loss"),
-                       ("zero-shot shape top-1 (val)", "zeroshot/shape/top1"),
-                       ("zero-shot color top-1 (val)", "zeroshot/color/top1"),
-                       ("nCLIP information (nats)", "nclip/information"),
+                       *zero_shot_curves, ("nCLIP information (nats)", "nclip/information"),
                        ("nCLIP same prototype", "nclip/same_prototype")):
         series = {objective: curve(runs, key) for objective, runs in runs_by_objective.items()}
         panels.append(Panel(title, "step", {name: xy for name, xy in series.items() if xy[0]}))
     line_panels(os.path.join(out_dir, "curves.png"), panels)
-    groups = ["zero-shot shape", "zero-shot color", "image→text R@1", "probe shape",
-              "probe color"]
     values, errors = {}, {}
     for objective, runs in runs_by_objective.items():
-        stats = [mean_sd([run["metrics"][METRICS[group]] for run in runs]) for group in groups]
+        stats = [mean_sd([run["metrics"].get(columns[group], math.nan) for run in runs])
+                 for group in groups]
         values[objective] = [mean for mean, _ in stats]
         errors[objective] = [sd for _, sd in stats]
     seeds = len(next(iter(runs_by_objective.values())))
@@ -268,33 +382,143 @@ def draw_plots(out_dir, runs_by_objective):
               groups, values, errors, y_label="top-1 / recall")
 
 
+def batch_rows(args, equal_images=False):
+    """Each objective at each --batch-sizes (first seed): train.py's steps, or with
+    `equal_images` the steps and warm-up that see the default run's images."""
+    rows, seed, reference = [], args.seeds[0], study_flags(args)
+    steps, warmup = reference.steps, reference.warmup
+    for batch_size in args.batch_sizes:
+        flags, label = ["--batch-size", str(batch_size)], f"batch {batch_size}"
+        if equal_images:
+            scale = reference.batch_size / batch_size
+            flags += ["--steps", str(round(steps * scale)), "--warmup", str(round(warmup * scale))]
+            label += f", {round(steps * scale)} steps"
+        for objective in OBJECTIVES:
+            name = f"{objective}-batch{batch_size}{'-images' if equal_images else ''}-seed{seed}"
+            rows.append((f"{objective}, {label}", [run(args, name, objective, seed, flags)]))
+    return rows
+
+
+def prototype_rows(args):
+    """nCLIP and xCLIP (first seed) with K = ratio x the global batch prototypes, at each
+    --prototype-batches; a batch above the rows' --batch-size is reached by --accum-freq."""
+    rows, seed, reference = [], args.seeds[0], study_flags(args)
+    for batch in args.prototype_batches:
+        accum = max(1, batch // reference.batch_size)
+        flags = ["--batch-size", str(batch // accum), "--accum-freq", str(accum)]
+        for ratio in args.prototype_ratios:
+            prototypes = max(1, round(ratio * batch))
+            for objective in ("nclip", "xclip"):
+                name = f"{objective}-K{prototypes}-batch{batch}-seed{seed}"
+                result = run(args, name, objective, seed,
+                             flags + ["--num-prototypes", str(prototypes)])
+                rows.append((f"{objective}, K/B {ratio:g} (K {prototypes}, batch {batch})",
+                             [result]))
+    return rows
+
+
+def noise_study(args, clean_runs):
+    """Each objective on every seed at NOISE_LEVELS[1:], beside the default runs at the
+    first: -> ({(unrelated, loose): {objective: [runs]}}, markdown lines)."""
+    by_level = {NOISE_LEVELS[0]: clean_runs}
+    for unrelated, loose in NOISE_LEVELS[1:]:
+        flags = ["--synthetic-unrelated-fraction", str(unrelated),
+                 "--synthetic-loose-fraction", str(loose)]
+        by_level[(unrelated, loose)] = {
+            objective: [run(args, f"{objective}-noise{unrelated:g}-{loose:g}-seed{seed}",
+                            objective, seed, flags) for seed in args.seeds]
+            for objective in OBJECTIVES}
+    rows = [(f"{objective}, unrelated {unrelated:g}, loose {loose:g}", runs)
+            for (unrelated, loose), runs_by_objective in by_level.items()
+            for objective, runs in runs_by_objective.items()]
+    lines = [metrics_table(rows), "", "| what | the numbers | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {what} | {numbers} | **{outcome}** |"
+              for what, numbers, outcome in noise_verdicts(by_level)]
+    return by_level, lines
+
+
+def noise_drops(by_level, objective, keys):
+    """Per seed, the score at the noisiest level minus the score at the first (cleanest)."""
+    clean, noisy = by_level[NOISE_LEVELS[0]][objective], by_level[NOISE_LEVELS[-1]][objective]
+    return [score(n, keys) - score(c, keys) for c, n in zip(clean, noisy)]
+
+
+def noise_verdicts(by_level):
+    """Whether xCLIP, and nCLIP, lose less than CLIP from the cleanest to the noisiest
+    captions, on zero-shot and on the linear probe: their drop minus CLIP's, by the
+    two-standard-error rule."""
+    unrelated, loose = NOISE_LEVELS[-1]
+    verdicts = []
+    for name, keys in (("zero-shot", ZERO_SHOT), ("linear probe", PROBE)):
+        clip_drops = noise_drops(by_level, "clip", keys)
+        for objective in ("xclip", "nclip"):
+            difference, standard_error, n = compare(noise_drops(by_level, objective, keys),
+                                                    clip_drops)
+            drop = statistics.fmean(noise_drops(by_level, objective, keys))
+            verdicts.append((
+                f"{objective} loses less {name} than CLIP at unrelated {unrelated:g}, loose "
+                f"{loose:g}", f"{objective} drop {drop:+.3f}, CLIP drop "
+                f"{statistics.fmean(clip_drops):+.3f}; difference {difference:+.3f} ± "
+                f"{2 * standard_error:.3f} (2 SE)", verdict(difference, standard_error, n)))
+    return verdicts
+
+
+def draw_noise(out_dir, by_level):
+    """noise.png: zero-shot and linear-probe score against the unrelated-caption fraction,
+    a line per objective (mean over seeds)."""
+    panels = []
+    for title, keys in (("zero-shot (mean of shape, color)", ZERO_SHOT),
+                        ("linear probe (mean of shape, color)", PROBE)):
+        series = {}
+        for objective in OBJECTIVES:
+            levels = sorted(by_level)
+            series[objective] = ([unrelated for unrelated, _ in levels],
+                                 [statistics.fmean(score(r, keys)
+                                                   for r in by_level[level][objective])
+                                  for level in levels])
+        panels.append(Panel(title, "unrelated caption fraction", series))
+    line_panels(os.path.join(out_dir, "noise.png"), panels)
+
+
 def claims_study(args):
+    columns, keys = own_data_keys(args) if args.train_data else (METRICS, SYNTHETIC_KEYS)
     runs_by_objective = {objective: [run(args, f"{objective}-seed{seed}", objective, seed)
                                      for seed in args.seeds] for objective in OBJECTIVES}
-    batch_rows = []
-    for batch_size in args.batch_sizes:
-        for objective in OBJECTIVES:
-            name = f"{objective}-batch{batch_size}-seed{args.seeds[0]}"
-            batch_run = run(args, name, objective, args.seeds[0], ["--batch-size", str(batch_size)])
-            batch_rows.append((f"{objective}, batch {batch_size}", [batch_run]))
-    all_runs = [r for runs in runs_by_objective.values() for r in runs] + [r for _, rs in batch_rows
-                                                                         for r in rs]
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "log"} for r in all_runs], f, indent=1)
-    claims = claim_verdicts(runs_by_objective)
     rows = [(objective, runs) for objective, runs in runs_by_objective.items()]
     text = [f"Seeds {' '.join(map(str, args.seeds))}; commands in results.json. "
-            "Mean ± sd over seeds; chance is 1/6 for shape, 1/8 for color.", "",
-            metrics_table(rows), "", "| claim | the numbers | verdict |", "| --- | --- | --- |"]
-    text += [f"| {claim} | {numbers} | **{outcome}** |" for claim, numbers, outcome in claims]
+            "Mean ± sd over seeds"
+            + ("; chance is 1/6 for shape, 1/8 for color." if not args.train_data else "."), "",
+            metrics_table(rows, columns), "", "| claim | the numbers | verdict |",
+            "| --- | --- | --- |"]
+    text += [f"| {claim} | {numbers} | **{outcome}** |"
+             for claim, numbers, outcome in claim_verdicts(runs_by_objective, keys)]
     nclip_runs = runs_by_objective["nclip"] + runs_by_objective["xclip"]
     text += ["", "nCLIP at the end of each run (last log line):", "", collapse_table(nclip_runs)]
-    if batch_rows:
-        text += ["", "Batch size (first seed; the rows above use train.py's default):", "",
-                 metrics_table(batch_rows)]
+    extra_runs = []
+    if args.noise:
+        by_level, lines = noise_study(args, runs_by_objective)
+        text += ["", f"Caption noise (seeds {' '.join(map(str, args.seeds))}; the first level "
+                 "is the rows above):", "", *lines]
+        extra_runs += [r for level, runs in by_level.items() if level != NOISE_LEVELS[0]
+                       for rs in runs.values() for r in rs]
+        draw_noise(args.out_dir, by_level)
+    for equal_images in ((False, True) if args.equal_images else (False,)):
+        rows = batch_rows(args, equal_images)
+        if rows:
+            seen = "equal images seen" if equal_images else "the same steps at every batch"
+            text += ["", f"Batch size, {seen} (first seed):", "", metrics_table(rows, columns)]
+            extra_runs += [r for _, rs in rows for r in rs]
+    rows = prototype_rows(args)
+    if rows:
+        text += ["", "Prototypes K against the global batch B (first seed):", "",
+                 metrics_table(rows, columns), "", collapse_table([rs[0] for _, rs in rows])]
+        extra_runs += [r for _, rs in rows for r in rs]
+    all_runs = [r for runs in runs_by_objective.values() for r in runs] + extra_runs
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k != "log"} for r in all_runs], f, indent=1)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
         f.write("\n".join(text) + "\n")
-    draw_plots(args.out_dir, runs_by_objective)
+    draw_plots(args.out_dir, runs_by_objective, columns)
     print("\n".join(text))
 
 

@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,9 @@ def parse_args(argv=None):
                    help="steps between zero-shot curve points")
     p.add_argument("--out-dir", default=os.path.join("experiments", "results"),
                    help="where runs, tables and plots go")
+    p.add_argument("--launcher", default=None,
+                   help="what runs train.py instead of this Python, e.g. 'torchrun "
+                        "--nproc_per_node=8' for a node of GPUs")
     args = p.parse_args(argv)
     args.train_flags = train_flags
     if args.train_data and not (args.zeroshot_data and args.probe_train_data
@@ -172,7 +176,8 @@ def device_flag(args):
 
 
 def train_command(args, objective, seed, run_dir, extra=()):
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--loss", objective,
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    command = [*launcher, os.path.join(ROOT, "train.py"), "--loss", objective,
                "--seed", str(seed), "--out-dir", run_dir, "--val-every", str(args.val_every)]
     if args.steps:
         command += ["--steps", str(args.steps)]
@@ -209,7 +214,7 @@ def run(args, name, objective, seed, extra=()):
     """Train (unless done before) and read one run."""
     run_dir = os.path.join(args.out_dir, "runs", name)
     command = train_command(args, objective, seed, run_dir, extra)
-    printable = " ".join(["train.py", *command[2:]])
+    printable = " ".join(["train.py", *command[command.index(os.path.join(ROOT, "train.py")) + 1:]])
     done = os.path.exists(os.path.join(run_dir, "final_metrics.json"))
     started = time.time()
     if not done:
@@ -231,7 +236,8 @@ def run(args, name, objective, seed, extra=()):
                     sys.exit(f"claims.py: error: scoring {name} failed: {result.stderr[-2000:]}")
             with open(output) as f:
                 metrics.update(json.load(f))
-    return {"name": name, "objective": objective, "seed": seed, "command": "python " + printable,
+    return {"name": name, "objective": objective, "seed": seed,
+            "command": f"{args.launcher or 'python'} {printable}",
             "wall_seconds": wall_seconds, "metrics": metrics, "log": log}
 
 

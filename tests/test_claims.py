@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import SMALL_MODEL, run_script
 from experiments.claims import (NOISE_LEVELS, claim_verdicts, compare, curve, noise_verdicts,
-                                verdict)
+                                parse_args, train_command, verdict)
 from synthetic import export
 
 
@@ -98,6 +98,13 @@ def test_claims_on_your_own_data_scores_each_run_with_eval_py(tmp_path):
     table = (tmp_path / "study" / "table.md").read_text()
     assert "zero-shot data top-1" in table and "CLIP − nCLIP, zero-shot (top-1)" in table
     assert table.count("(one seed)**") == 4
+
+
+def test_a_launcher_runs_train_py_on_a_node_of_gpus():
+    args = parse_args(["--launcher", "torchrun --nproc_per_node=8", "--", "--device", "cuda"])
+    command = train_command(args, "xclip", 0, "runs/x", ["--batch-size", "512"])
+    assert command[:2] == ["torchrun", "--nproc_per_node=8"] and command[2].endswith("train.py")
+    assert command[-4:] == ["--device", "cuda", "--batch-size", "512"]  # the row's flags last
 
 
 def test_a_curve_ends_at_the_final_evaluation_when_the_log_stops_short_of_it():

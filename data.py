@@ -440,6 +440,17 @@ def expand_shards(pattern):
     return [path for option in options for path in expand_shards(head + option + tail)]
 
 
+def existing_shards(pattern, source):
+    """The shards of a brace pattern, or a DataError naming `source` (a flag) and the
+    shards that are missing."""
+    shards = expand_shards(pattern)
+    missing = [path for path in shards if not os.path.exists(path)]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} of {len(shards)} shards missing: "
+                        f"{name_examples(missing)}")
+    return shards
+
+
 def tar_samples(path):
     """(key, {extension: bytes}) for each sample of a webdataset tar: the files
     {key}.jpg, {key}.txt, {key}.json that img2dataset writes next to each other."""
@@ -480,11 +491,7 @@ def read_shard_pairs(pattern):
     memory for evaluation (CC3M's validation split, 13k pairs, is about 0.3 GB). Samples
     without a caption or an image, and unreadable shards, are left out and counted.
     -> (pairs, {reason: count} by SKIP_REASONS)"""
-    shards = expand_shards(pattern)
-    missing = [path for path in shards if not os.path.exists(path)]
-    if missing:
-        raise DataError(f"{pattern}: {len(missing)} of {len(shards)} shards missing: "
-                        f"{name_examples(missing)}")
+    shards = existing_shards(pattern, pattern)
     pairs, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
     for shard in shards:
         try:

@@ -22,7 +22,7 @@ from unittest import mock
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint import load, read_checkpoint
+from checkpoint import load, load_model
 from data import CLIP_MEAN, CLIP_STD
 from eval import RECALL_AT
 from faults import DataError, OneLineErrorParser, device_name, non_negative_int, positive_int
@@ -108,9 +108,7 @@ def to_open_clip_state_dict(model):
 def export(checkpoint_path, out_dir, name=None):
     """Write OUT_DIR/<name>.json and OUT_DIR/open_clip_pytorch_model.bin; -> (config path,
     weights path, the model). `name` defaults to the checkpoint's folder name."""
-    checkpoint = read_checkpoint(checkpoint_path)
-    model = TwoTowerModel(ModelConfig(**checkpoint["model_config"]), checkpoint["objective"])
-    model.load_state_dict(checkpoint["model"])
+    model, _ = load_model(checkpoint_path, "cpu")
     state_dict, config = to_open_clip_state_dict(model)
     name = name or os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))
     if not name or os.sep in name:

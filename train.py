@@ -29,8 +29,8 @@ from tqdm import tqdm
 from checkpoint import (CheckpointWriter, check_resumable, initialize_from, read_checkpoint,
                         restore_checkpoint)
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, EvalTransform, ResumableSampler,
-                  TOKENIZERS, TarShardStream, TrainTransform, expand_shards, held_out_pairs,
-                  is_caption_table, make_loader, name_examples, normalize, stream_seed,
+                  TOKENIZERS, TarShardStream, TrainTransform, existing_shards, held_out_pairs,
+                  is_caption_table, make_loader, normalize, stream_seed,
                   tokenizer_for)
 from distributed import all_reduce_sum
 from eval import (HEADLINE_METRICS, NAMED_CLASSNAMES, caption_retrieval, dataset_name,
@@ -235,11 +235,8 @@ def check_flags(args):
     if args.val_data and is_caption_table(args.val_data) and not os.path.isfile(args.val_data):
         return f"--val-data {args.val_data}: no such file"
     if args.val_data and not is_caption_table(args.val_data):
-        shards = expand_shards(args.val_data)
-        missing = [path for path in shards if not os.path.exists(path)]
-        if missing:
-            return (f"--val-data {args.val_data}: {len(missing)} of {len(shards)} shards "
-                    f"missing: {name_examples(missing)} (it takes a caption table or tar shards)")
+        existing_shards(args.val_data, f"--val-data {args.val_data} (a caption table or tar "
+                                       "shards)")
     if args.val_data and not args.val_every:
         return "--val-data is scored at --val-every steps; pass --val-every N"
     if args.init_from and not os.path.isfile(args.init_from):
@@ -342,11 +339,7 @@ def build_train_loader(args, tokenizer, image_size, rank=0, world_size=1, *, sta
         sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, start_sample,
                                    args.seed)
     else:
-        shards = expand_shards(args.train_data)
-        missing = [path for path in shards if not os.path.exists(path)]
-        if missing:
-            raise DataError(f"--train-data: {len(missing)} of {len(shards)} shards missing: "
-                            f"{name_examples(missing)}")
+        shards = existing_shards(args.train_data, "--train-data")
         if not args.train_num_samples:
             raise DataError("--train-num-samples is needed with tar shards: the samples in one "
                             "epoch")

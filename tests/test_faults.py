@@ -56,7 +56,7 @@ def assert_one_line_error(result, message, code=2):
     (["--seed", "-1"], "must be an integer in [0, 2**32)"),
     (["--csv-separator", "::"], "must be one character"),
     (["--train-data", "tests"], "--train-data tests is a folder"),
-    (["--val-data", "pairs.parquet", "--val-every", "2"], "(it takes a caption table or tar"),
+    (["--val-data", "pairs.parquet", "--val-every", "2"], "(a caption table or tar shards): 1 of 1 shards missing"),
     (["--val-data", "missing.csv", "--val-every", "2"], "--val-data missing.csv: no such file"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--keep-every", "-1"], "must be an integer >= 0"),

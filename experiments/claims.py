@@ -15,10 +15,11 @@ decided from the numbers.
 
 Run from the repository root. Everything after `--` goes to every train.py run. Writes,
 under --out-dir (default experiments/results/):
-results.json (each run's command, wall time, final metrics and curves), table.md (mean and
-standard deviation per objective, and the verdicts), curves.png and bars.png; ablations.md
-for --ablations. A run whose final_metrics.json exists is read, not rerun: delete its folder
-under runs/ to redo it.
+results.json (each run's command, wall time and final metrics), table.md (mean and standard
+deviation per objective, and the verdicts), curves.png and bars.png, noise.png, batch.png and
+prototypes.png for those rows; ablations.md for --ablations. The runs go to runs/ (their
+curves in log.jsonl); a run whose final_metrics.json exists is read, not rerun: delete its
+folder to redo it.
 
 A claim compares two means over seeds. It "holds" when the difference in the claimed
 direction exceeds twice its standard error sqrt(sd_a^2/n_a + sd_b^2/n_b), "does not hold"
@@ -94,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default: train.py's)")
     p.add_argument("--model", default=None, help="preset (default: train.py's, tiny)")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
-                   help="also train each objective at these batch sizes, first seed only")
+                   help="also train each objective at these batch sizes, on every seed")
     p.add_argument("--equal-images", action="store_true",
                    help="with --batch-sizes: also at equal images seen (steps and warm-up "
                         "scaled by default batch / batch)")
@@ -388,27 +389,85 @@ def draw_plots(out_dir, runs_by_objective, columns=METRICS):
               groups, values, errors, y_label="top-1 / recall")
 
 
-def batch_rows(args, equal_images=False):
-    """Each objective at each --batch-sizes (first seed): train.py's steps, or with
-    `equal_images` the steps and warm-up that see the default run's images."""
-    rows, seed, reference = [], args.seeds[0], study_flags(args)
-    steps, warmup = reference.steps, reference.warmup
+def batch_study(args, clean_runs, columns, keys, equal_images=False):
+    """Each objective at each --batch-sizes on every seed, beside the claims rows at the
+    default batch: train.py's steps, or with `equal_images` the steps and warm-up that see
+    the default run's images. -> ({batch: {objective: [runs]}}, markdown lines)."""
+    reference = study_flags(args)
+    by_batch = {reference.batch_size: clean_runs}
     for batch_size in args.batch_sizes:
-        flags, label = ["--batch-size", str(batch_size)], f"batch {batch_size}"
+        flags = ["--batch-size", str(batch_size)]
         if equal_images:
             scale = reference.batch_size / batch_size
-            flags += ["--steps", str(round(steps * scale)), "--warmup", str(round(warmup * scale))]
-            label += f", {round(steps * scale)} steps"
-        for objective in OBJECTIVES:
-            name = f"{objective}-batch{batch_size}{'-images' if equal_images else ''}-seed{seed}"
-            rows.append((f"{objective}, {label}", [run(args, name, objective, seed, flags)]))
-    return rows
+            flags += ["--steps", str(round(reference.steps * scale)),
+                      "--warmup", str(round(reference.warmup * scale))]
+        suffix = "-images" if equal_images else ""
+        by_batch[batch_size] = {
+            objective: [run(args, f"{objective}-batch{batch_size}{suffix}-seed{seed}",
+                            objective, seed, flags) for seed in args.seeds]
+            for objective in OBJECTIVES}
+    by_batch = dict(sorted(by_batch.items()))
+    steps = {batch: round(reference.steps * reference.batch_size / batch) if equal_images
+             else reference.steps for batch in by_batch}
+    rows = [(f"{objective}, batch {batch}, {steps[batch]} steps", runs)
+            for batch, runs_by_objective in by_batch.items()
+            for objective, runs in runs_by_objective.items()]
+    lines = [metrics_table(rows, columns), "", "| what | the numbers | verdict |",
+             "| --- | --- | --- |"]
+    lines += [f"| {what} | {numbers} | **{outcome}** |"
+              for what, numbers, outcome in batch_verdicts(by_batch, reference.batch_size, keys)]
+    return by_batch, lines
 
 
-def prototype_rows(args):
+def changes(reference_runs, runs, keys):
+    """Per seed, the score of `runs` minus the score of `reference_runs`."""
+    return [score(r, keys) - score(c, keys) for c, r in zip(reference_runs, runs)]
+
+
+def batch_verdicts(by_batch, reference_batch, keys=SYNTHETIC_KEYS):
+    """The paper's argument that a contrastive objective needs a large batch and a
+    non-contrastive term less so: at each batch beside the reference, whether the larger of
+    the two batches gains CLIP more than it gains xCLIP (and nCLIP), on zero-shot and on the
+    linear probe; CLIP's gain minus theirs, per seed, by the two-standard-error rule."""
+    verdicts = []
+    for batch in by_batch:
+        if batch == reference_batch:
+            continue
+        small, large = sorted((batch, reference_batch))
+        for name, of in (("zero-shot", keys[0]), ("linear probe", keys[1])):
+            gain = {objective: changes(by_batch[small][objective], by_batch[large][objective], of)
+                    for objective in OBJECTIVES}
+            for objective in ("xclip", "nclip"):
+                difference, standard_error, n = compare(gain["clip"], gain[objective])
+                verdicts.append((
+                    f"CLIP gains more than {objective} from batch {small} to {large}, {name}",
+                    f"gain {statistics.fmean(gain[objective]):+.3f}, CLIP's "
+                    f"{statistics.fmean(gain['clip']):+.3f}; CLIP's − {objective}'s "
+                    f"{difference:+.3f} ± {2 * standard_error:.3f} (2 SE)",
+                    verdict(difference, standard_error, n)))
+    return verdicts
+
+
+def draw_batches(out_dir, by_seen, keys=SYNTHETIC_KEYS):
+    """batch.png: zero-shot and linear-probe score against the batch, at the same steps and
+    at equal images seen, a line per objective (mean over seeds)."""
+    panels = []
+    for name, of in (("zero-shot", keys[0]), ("linear probe", keys[1])):
+        for seen, by_batch in by_seen.items():
+            series = {objective: (list(by_batch), [statistics.fmean(score(r, of)
+                                                                    for r in runs[objective])
+                                                   for runs in by_batch.values()])
+                      for objective in OBJECTIVES}
+            panels.append(Panel(f"{name} top-1 (mean of its sets), {seen}", "batch size",
+                                series))
+    line_panels(os.path.join(out_dir, "batch.png"), panels)
+
+
+def prototype_study(args):
     """nCLIP and xCLIP (first seed) with K = ratio x the global batch prototypes, at each
-    --prototype-batches; a batch above the rows' --batch-size is reached by --accum-freq."""
-    rows, seed, reference = [], args.seeds[0], study_flags(args)
+    --prototype-batches; a batch above the rows' --batch-size is reached by --accum-freq.
+    -> {(objective, batch): {ratio: run}}."""
+    by_line, seed, reference = {}, args.seeds[0], study_flags(args)
     for batch in args.prototype_batches:
         accum = max(1, batch // reference.batch_size)
         flags = ["--batch-size", str(batch // accum), "--accum-freq", str(accum)]
@@ -416,11 +475,24 @@ def prototype_rows(args):
             prototypes = max(1, round(ratio * batch))
             for objective in ("nclip", "xclip"):
                 name = f"{objective}-K{prototypes}-batch{batch}-seed{seed}"
-                result = run(args, name, objective, seed,
-                             flags + ["--num-prototypes", str(prototypes)])
-                rows.append((f"{objective}, K/B {ratio:g} (K {prototypes}, batch {batch})",
-                             [result]))
-    return rows
+                by_line.setdefault((objective, batch), {})[ratio] = run(
+                    args, name, objective, seed, flags + ["--num-prototypes", str(prototypes)])
+    return by_line
+
+
+def draw_prototypes(out_dir, by_line, keys=SYNTHETIC_KEYS):
+    """prototypes.png: nCLIP's information, zero-shot and linear-probe score against K/B
+    (log2), a line per objective and global batch."""
+    panels = []
+    for title, score_of in (("nCLIP information (nats)",
+                             lambda r: r["metrics"].get("nclip/information", math.nan)),
+                            ("zero-shot top-1 (mean of its sets)", lambda r: score(r, keys[0])),
+                            ("linear probe top-1 (mean of its sets)", lambda r: score(r, keys[1]))):
+        series = {f"{objective}, batch {batch}": ([math.log2(ratio) for ratio in runs],
+                                                  [score_of(r) for r in runs.values()])
+                  for (objective, batch), runs in by_line.items()}
+        panels.append(Panel(title, "log2 K/B", series))
+    line_panels(os.path.join(out_dir, "prototypes.png"), panels)
 
 
 def noise_study(args, clean_runs):
@@ -443,28 +515,22 @@ def noise_study(args, clean_runs):
     return by_level, lines
 
 
-def noise_drops(by_level, level, objective, keys):
-    """Per seed, the score at `level` minus the score at the first (cleanest) level."""
-    clean, noisy = next(iter(by_level.values()))[objective], by_level[level][objective]
-    return [score(n, keys) - score(c, keys) for c, n in zip(clean, noisy)]
-
-
 def noise_verdicts(by_level):
     """At each noisier level, whether xCLIP, and nCLIP, lose less than CLIP from the cleanest
     level, on zero-shot and on the linear probe: their drop minus CLIP's, by the
     two-standard-error rule."""
-    verdicts = []
+    verdicts, clean = [], next(iter(by_level.values()))
     for unrelated, loose in list(by_level)[1:]:
-        level = (unrelated, loose)
         for name, keys in (("zero-shot", ZERO_SHOT), ("linear probe", PROBE)):
-            clip_drops = noise_drops(by_level, level, "clip", keys)
+            drop = {objective: changes(clean[objective], by_level[unrelated, loose][objective],
+                                       keys) for objective in OBJECTIVES}
             for objective in ("xclip", "nclip"):
-                drops = noise_drops(by_level, level, objective, keys)
-                difference, standard_error, n = compare(drops, clip_drops)
+                difference, standard_error, n = compare(drop[objective], drop["clip"])
                 verdicts.append((
                     f"{objective} loses less {name} than CLIP at unrelated {unrelated:g}, "
-                    f"loose {loose:g}", f"{objective} drop {statistics.fmean(drops):+.3f}, "
-                    f"CLIP drop {statistics.fmean(clip_drops):+.3f}; difference "
+                    f"loose {loose:g}",
+                    f"{objective} drop {statistics.fmean(drop[objective]):+.3f}, "
+                    f"CLIP drop {statistics.fmean(drop['clip']):+.3f}; difference "
                     f"{difference:+.3f} ± {2 * standard_error:.3f} (2 SE)",
                     verdict(difference, standard_error, n)))
     return verdicts
@@ -509,17 +575,25 @@ def claims_study(args):
         extra_runs += [r for level, runs in by_level.items() if level != NOISE_LEVELS[0]
                        for rs in runs.values() for r in rs]
         draw_noise(args.out_dir, by_level)
-    for equal_images in ((False, True) if args.equal_images else (False,)):
-        rows = batch_rows(args, equal_images)
-        if rows:
-            seen = "equal images seen" if equal_images else "the same steps at every batch"
-            text += ["", f"Batch size, {seen} (first seed):", "", metrics_table(rows, columns)]
-            extra_runs += [r for _, rs in rows for r in rs]
-    rows = prototype_rows(args)
-    if rows:
-        text += ["", "Prototypes K against the global batch B (first seed):", "",
+    if args.batch_sizes:
+        by_seen = {}
+        for equal_images in ((False, True) if args.equal_images else (False,)):
+            seen = "equal images seen" if equal_images else "the same steps"
+            by_batch, lines = batch_study(args, runs_by_objective, columns, keys, equal_images)
+            text += ["", f"Batch size, {seen} (seeds {' '.join(map(str, args.seeds))}; "
+                     f"batch {study_flags(args).batch_size} is the rows above):", "", *lines]
+            extra_runs += [r for runs in by_batch.values() if runs is not runs_by_objective
+                           for rs in runs.values() for r in rs]
+            by_seen[seen] = by_batch
+        draw_batches(args.out_dir, by_seen, keys)
+    by_line = prototype_study(args) if args.prototype_ratios else {}
+    if by_line:
+        rows = [(f"{objective}, K/B {ratio:g} (K {round(ratio * batch)}, batch {batch})", [r])
+                for (objective, batch), runs in by_line.items() for ratio, r in runs.items()]
+        text += ["", f"Prototypes K against the global batch B (seed {args.seeds[0]}):", "",
                  metrics_table(rows, columns), "", collapse_table([rs[0] for _, rs in rows])]
-        extra_runs += [r for _, rs in rows for r in rs]
+        extra_runs += [rs[0] for _, rs in rows]
+        draw_prototypes(args.out_dir, by_line, keys)
     all_runs = [r for runs in runs_by_objective.values() for r in runs] + extra_runs
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "log"} for r in all_runs], f, indent=1)

@@ -12,7 +12,7 @@ it evaluates and starts runs (--init-from) but does not resume one.
 import os
 import shutil
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 
@@ -39,17 +39,9 @@ class CheckpointWriter:
         steps, and the bad samples counted so far. With `keep`, the file stays also as
         ckpt_<step>.pt beside the path, which the next save replaces."""
         self.wait()
-        checkpoint = {
-            "model": trainee.model.state_dict(),
-            "objective_state": trainee.objective.state_dict(),
-            "step": step,
-            "args": dict(self.flags),
-            "model_config": asdict(trainee.model.config),
-            "objective": trainee.model.objective,
-            "skipped": skip_counts or {},
-        }
-        if self.save_optimizer:
-            checkpoint["optimizer"] = trainee.optimizer.state_dict()
+        optimizer = trainee.optimizer if self.save_optimizer else None
+        checkpoint = make_checkpoint(trainee.model, step, self.flags, skip_counts,
+                                     trainee.objective, optimizer)
         broken = non_finite_tensors(checkpoint["model"])
         if broken:  # an update with a finite loss and gradient can still overflow the weights
             raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
@@ -95,6 +87,20 @@ class CheckpointWriter:
             raise error
 
 
+def make_checkpoint(model, step, flags, skip_counts=None, objective=None, optimizer=None):
+    """The checkpoint dict of `model` (a TwoTowerModel) after `step` steps, trained with
+    `flags` (train.py's, as a dict); with the objective's state (DINO's center) and the
+    optimizer's where given."""
+    checkpoint = {"model": model.state_dict(), "step": step, "args": dict(flags),
+                  "model_config": asdict(model.config), "objective": model.objective,
+                  "skipped": skip_counts or {}}
+    if objective is not None:
+        checkpoint["objective_state"] = objective.state_dict()
+    if optimizer is not None:
+        checkpoint["optimizer"] = optimizer.state_dict()
+    return checkpoint
+
+
 def to_host(value):
     """A copy of `value` (nested dicts, lists, tuples of tensors and plain values) with
     every tensor in host memory: the training goes on updating the originals."""
@@ -137,6 +143,21 @@ def read_checkpoint(path):
     return checkpoint
 
 
+def saved_model_config(checkpoint, path):
+    """The ModelConfig a checkpoint's model was built with; a DataError naming a field
+    this version's ModelConfig does not know (a checkpoint of another version)."""
+    saved = checkpoint["model_config"]
+    unknown = sorted(set(saved) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise DataError(f"{path}: its model config has {', '.join(unknown)}, which this "
+                        "version's ModelConfig does not know: it was written by another "
+                        "version of model.py")
+    try:
+        return ModelConfig(**saved)
+    except ValueError as error:  # ModelConfig.problem
+        raise DataError(f"{path}: {error}") from None
+
+
 def check_resumable(checkpoint, path, loss, config, global_batch):
     """The objective, the architecture (`config`, a ModelConfig) and the global batch,
     which decides the data order, must be the checkpoint's: name the first that differs
@@ -174,9 +195,13 @@ def restore_checkpoint(checkpoint, trainee):
     step. No random generator state is kept: every stream a run draws from is seeded by
     (--seed, rank, step or sample), so a resumed run on any number of GPUs draws what
     the uninterrupted one would have."""
-    trainee.model.load_state_dict(checkpoint["model"])
-    trainee.objective.load_state_dict(checkpoint["objective_state"])
-    trainee.optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        trainee.model.load_state_dict(checkpoint["model"])
+        trainee.objective.load_state_dict(checkpoint["objective_state"])
+        trainee.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:  # another version's names or shapes
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise DataError(f"this version cannot restore the checkpoint's state ({reason})") from None
     return checkpoint["step"]
 
 
@@ -217,8 +242,11 @@ def load_model(path, device):
     """The model of a train.py checkpoint, weights loaded, in eval mode on `device`; and
     the checkpoint itself."""
     checkpoint = read_checkpoint(path)
-    config = ModelConfig(**checkpoint["model_config"])
-    model = TwoTowerModel(config, checkpoint["objective"],
-                          checkpoint["args"].get("student_temp", 0.05))
-    model.load_state_dict(checkpoint["model"])
+    config = saved_model_config(checkpoint, path)
+    model = TwoTowerModel(config, checkpoint["objective"], checkpoint["args"].get("student_temp"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:  # names or shapes of another version
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: its weights do not fit this version's model ({reason})") from None
     return model.to(device).eval(), checkpoint

@@ -389,8 +389,8 @@ def skip_text(skipped):
 
 class CaptionTableDataset(Dataset):
     """Training pairs from a CSV/TSV/JSONL caption table (or, given `pairs` and `load`,
-    any held_out_pairs). A pair whose image will not decode or whose caption is empty is
-    passed over for the next row, and counted.
+    any read_image_caption_pairs). A pair whose image will not decode or whose caption is
+    empty is passed over for the next row, and counted.
 
     Item `epoch * len(table) + row` (what ResumableSampler yields) is that row with the
     crop drawn from a generator seeded by (seed, epoch, row): the same on every run and
@@ -513,7 +513,7 @@ def is_caption_table(path):
     return path.endswith((".csv", ".tsv", ".jsonl"))
 
 
-def held_out_pairs(path, image_key="filepath", caption_key="title", separator=None):
+def read_image_caption_pairs(path, image_key="filepath", caption_key="title", separator=None):
     """The (image, caption) pairs of a caption table or of tar shards, the function that
     opens their images (open_image for a table's paths, open_image_bytes for the shards'
     bytes), and the samples the shards left out, by reason."""

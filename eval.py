@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import (EvalTransform, IndexedImages, collate_readable, group_captions_by_image,
-                  held_out_pairs, is_caption_table, make_loader, name_examples, normalize,
+                  read_image_caption_pairs, is_caption_table, make_loader, name_examples, normalize,
                   open_image, read_image_folder, read_lines, tokenizer_for)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
-                    one_character, positive_float, positive_int, writing)
-from model import autocast_context, default_device
+                    one_character, positive_float, positive_int, reported_in_one_line, writing)
+from distributed import default_device
+from model import autocast_context
 from synthetic import COLORS, SHAPES, object_labels, scored_scenes, with_article
 
 # "a photo of a {}." and the 7 of CLIP's 80 ImageNet templates that its prompt-engineering
@@ -52,8 +53,8 @@ L2_GRID = tuple(10.0 ** k for k in range(-6, 3))
 # ---------------------------------------------------------------------------------------- features
 
 @torch.no_grad()
-def image_features(model, dataset, device, *, projected=True, batch_size=256, workers=0,
-                   desc="images"):
+def encode_images(model, dataset, device, *, projected=True, batch_size=256, workers=0,
+                  desc="images"):
     """Encode the readable images of `dataset` (batches of (image or None, index)) ->
     (features, dataset index of each row): the unit CLIP embeddings u, or with
     projected=False the tower features f_v. Unreadable images are skipped."""
@@ -246,13 +247,13 @@ def knn_probe(train_features, train_labels, test_features, test_labels, *, k=20,
 
 # -------------------------------------------------------------------------- folders, caption files
 
-def readable_image_features(model, paths, device, *, projected=True, batch_size=256, workers=0,
-                            desc="images", load=open_image):
+def encode_readable_images(model, paths, device, *, projected=True, batch_size=256, workers=0,
+                           desc="images", load=open_image):
     """Features of the images at `paths` (or whatever `load` opens, e.g. a tar sample's
     bytes with open_image_bytes) that can be read, the row indices into `paths`, and how
     many were skipped (printed with the first few names)."""
     dataset = IndexedImages(paths, load, EvalTransform(model.config.image_size))
-    features, indices = image_features(model, dataset, device, projected=projected,
+    features, indices = encode_images(model, dataset, device, projected=projected,
                                        batch_size=batch_size, workers=workers, desc=desc)
     skipped = sorted(set(range(len(paths))) - set(indices.tolist()))
     if skipped:
@@ -285,7 +286,7 @@ def folder_zero_shot(model, tokenizer, root, device, *, classnames_file=None,
         raise DataError(f"{templates_file}: template(s) without {{}} for the class name: "
                         f"{name_examples(bad)}")
     paths = [path for path, _ in samples]
-    embeddings, kept, skipped = readable_image_features(model, paths, device,
+    embeddings, kept, skipped = encode_readable_images(model, paths, device,
                                                         batch_size=batch_size, workers=workers)
     labels = torch.tensor([label for _, label in samples])[kept]
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
@@ -297,13 +298,13 @@ def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
                       caption_key="title", separator=None, batch_size=256, workers=0):
     """Recall@K both ways on a caption table, several rows per image allowed, or on
     webdataset tar shards, a caption per image."""
-    pairs, load, shard_skips = held_out_pairs(path, image_key, caption_key, separator)
+    pairs, load, shard_skips = read_image_caption_pairs(path, image_key, caption_key, separator)
     if is_caption_table(path):
         image_paths, captions, caption_image = group_captions_by_image(pairs)
     else:
         image_paths, captions = [image for image, _ in pairs], [caption for _, caption in pairs]
         caption_image = list(range(len(pairs)))
-    image_embeddings, kept, skipped = readable_image_features(
+    image_embeddings, kept, skipped = encode_readable_images(
         model, image_paths, device, batch_size=batch_size, workers=workers, load=load)
     skipped += shard_skips.get("bad_image", 0)
     # Captions of a skipped image leave with it; the kept images are renumbered 0..n-1.
@@ -352,17 +353,13 @@ def cached_tower_features(model, root, device, *, cache_dir=None, checkpoint_dig
         features = torch.from_numpy(np.load(f"{cache}_features.npy"))
         kept = torch.from_numpy(np.load(f"{cache}_indices.npy"))
     else:
-        features, kept, _ = readable_image_features(model, paths, device, projected=False,
+        features, kept, _ = encode_readable_images(model, paths, device, projected=False,
                                                     batch_size=batch_size, workers=workers,
                                                     desc=root)
         if cache:
-            try:
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with writing(f"--feature-cache {os.path.dirname(cache)}"):
                 np.save(f"{cache}_features.npy", features.numpy())
                 np.save(f"{cache}_indices.npy", kept.numpy())  # last: it marks a whole pair
-            except OSError as error:
-                raise DataError(f"--feature-cache {os.path.dirname(cache)}: "
-                                f"{error.strerror or error}") from None
     return folders, features, labels[kept], len(paths) - len(kept)
 
 
@@ -375,10 +372,8 @@ def folder_probe(model, train_root, test_root, device, *, probe="linear", l2_gri
     and each folder's images are the same."""
     digest = None
     if feature_cache:  # checked before the first feature is computed
-        try:
+        with writing(f"--feature-cache {feature_cache}"):
             os.makedirs(feature_cache, exist_ok=True)
-        except OSError as error:
-            raise DataError(f"--feature-cache {feature_cache}: {error.strerror or error}") from None
         if not os.access(feature_cache, os.W_OK):
             raise DataError(f"--feature-cache {feature_cache} is not writable")
         digest = file_digest(checkpoint_path)
@@ -423,7 +418,7 @@ HEADLINE_METRICS = {
 
 def encode_scenes(model, scenes, device, projected=True, batch_size=256):
     images = IndexedImages(range(len(scenes)), scenes.image, scenes.transform)
-    return image_features(model, images, device, projected=projected, batch_size=batch_size)[0]
+    return encode_images(model, images, device, projected=projected, batch_size=batch_size)[0]
 
 
 def synthetic_zero_shot(model, tokenizer, device, *, num_samples=1000, seed=0,
@@ -616,9 +611,8 @@ def run_task(args, model, checkpoint):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+    with reported_in_one_line("eval.py"):
         check_output(args.output or os.path.dirname(os.path.abspath(args.checkpoint)),
                      is_folder=args.output is None)
         model, checkpoint = load_model(args.checkpoint, args.device)
@@ -627,9 +621,7 @@ def main(argv=None):
         print_table(metrics)
         with writing(output), open(output, "w") as f:
             json.dump(metrics, f, indent=1)
-    except DataError as error:
-        parser.error(str(error))
-    print(f"wrote {output}")
+        print(f"wrote {output}")
 
 
 def check_output(path, is_folder=False):

@@ -2,7 +2,8 @@
 exit code 2, never a traceback; two runs never share an output folder; Ctrl-C or SIGTERM
 keeps what was learned. Nothing here knows about models or data.
 
-    DataError, NonFiniteLoss    the two faults a script reports in one line
+    UserError, DataError, NonFiniteLoss    what a script reports in one line
+    reported_in_one_line        around a script's work: those errors as one line, exit 2
     OneLineErrorParser, positive_int, ...    argparse that reports a bad flag in one line
     take_out_dir                the --out-dir lock
     StopRequest                 what a signal asks of the training loop
@@ -19,9 +20,13 @@ from contextlib import contextmanager
 import torch
 
 
-class DataError(Exception):
-    """Bad user data (a missing path, an empty folder, an unreadable checkpoint):
-    reported in one line, exit 2."""
+class UserError(Exception):
+    """What the user can fix: a flag that does not fit, a device this machine lacks, an
+    --out-dir in use, a full disk. Reported in one line, exit 2."""
+
+
+class DataError(UserError):
+    """Bad user data (a missing path, an empty folder, an unreadable checkpoint)."""
 
 
 class NonFiniteLoss(Exception):
@@ -31,23 +36,35 @@ class NonFiniteLoss(Exception):
 @contextmanager
 def writing(path):
     """Around the writing of `path`: an OSError (a full disk, a folder gone) becomes a
-    one-line DataError that names the file and the cause ("No space left on device")."""
+    one-line UserError that names the file and the cause ("No space left on device")."""
     try:
         yield
     except OSError as error:
-        raise DataError(f"could not write {path} ({error.strerror or error})") from None
+        raise UserError(f"could not write {path} ({error.strerror or error})") from None
 
 
 def fail(script, message):
+    """The one way a script stops on a user's mistake: one line on stderr, exit 2."""
     print(f"{script}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextmanager
+def reported_in_one_line(script):
+    """Around a script's work: a UserError or NonFiniteLoss ends it through `fail`."""
+    try:
+        yield
+    except (UserError, NonFiniteLoss) as error:
+        fail(script, user_message(error))
 
 
 def user_message(error):
     """A DataError raised in a loader worker reaches the main process wrapped in the
     worker's traceback: keep its own message."""
     last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-    return last_line.removeprefix("faults.DataError: ").removeprefix("DataError: ")
+    for name in ("DataError", "UserError"):
+        last_line = last_line.removeprefix(f"faults.{name}: ").removeprefix(f"{name}: ")
+    return last_line
 
 
 # ----------------------------------------------------------------------------------- flags
@@ -56,7 +73,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage dump) and exits with 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        fail(self.prog, message)
 
 
 def positive_int(text):
@@ -151,7 +168,7 @@ def take_out_dir(out_dir):
             except FileExistsError:
                 owner = lock_owner(lock)
                 if owner is not None:
-                    raise DataError(f"--out-dir {out_dir} is in use by a running train.py (pid "
+                    raise UserError(f"--out-dir {out_dir} is in use by a running train.py (pid "
                                     f"{owner}); pick another --out-dir") from None
                 os.remove(lock)
                 continue
@@ -161,7 +178,7 @@ def take_out_dir(out_dir):
                     os.remove(lock)
             atexit.register(release)
             return release
-        raise DataError(f"--out-dir {out_dir}: could not take {lock}; try again")
+        raise UserError(f"--out-dir {out_dir}: could not take {lock}; try again")
     finally:
         os.remove(mine)
 
@@ -185,7 +202,7 @@ def check_writable(directory):
         with tempfile.NamedTemporaryFile(dir=directory):
             pass
     except OSError as error:
-        raise DataError(f"--out-dir {directory} is not writable: "
+        raise UserError(f"--out-dir {directory} is not writable: "
                         f"{error.strerror or error}") from None
 
 
@@ -241,6 +258,14 @@ class StopRequest:
     def install(self):
         signal.signal(signal.SIGINT, self.handle)
         signal.signal(signal.SIGTERM, self.handle)
+
+    @contextmanager
+    def waiting(self):
+        """Around the wait for a batch: a signal here raises StopRequested at once (the data
+        may never come); after it, the loop is in a step, which a signal lets finish."""
+        self.phase = "waiting"
+        yield
+        self.phase = "training"
 
     def handle(self, signum, frame):
         if self.signal is not None or self.phase in ("evaluating", "starting"):

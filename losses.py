@@ -1,9 +1,10 @@
 """The CLIP, nCLIP and xCLIP objectives, over the global batch.
 
-Read top to bottom: the CLIP loss, the nCLIP loss (a module, like DINOLoss, since its
-DINO-center ablation carries state), the monitors that show collapse, SwAV's Sinkhorn,
-then `Objective`, which turns a TwoTowerOutput into (loss, metrics) for train.py.
-Everything that crosses ranks goes through distributed.py.
+Read top to bottom in the paper's order: the CLIP loss, the nCLIP loss (a module, like
+DINOLoss, since its DINO-center ablation carries state) with SwAV's Sinkhorn for its
+ablation, the xCLIP sum, then `Objective`, which turns a TwoTowerOutput into (loss,
+metrics) for train.py, and last the monitors that show nCLIP collapsing. Everything that
+crosses ranks goes through distributed.py.
 """
 import torch
 import torch.nn as nn
@@ -11,9 +12,12 @@ import torch.nn.functional as F
 
 from distributed import (all_reduce_max, all_reduce_sum, gather_with_grad, global_mean, rank,
                          world_size)
+from model import CONTRASTIVE, NON_CONTRASTIVE, at_least_float32
 
 REGULARIZERS = ("memax", "center", "sinkhorn")
 
+
+# ------------------------------------------------------------------------------------------ CLIP
 
 def clip_loss(image_embeddings, text_embeddings, logit_scale, local_loss=False):
     """CLIP (Radford et al. 2021), over the global batch:
@@ -41,12 +45,11 @@ def clip_loss(image_embeddings, text_embeddings, logit_scale, local_loss=False):
     return (image_to_text + text_to_image) / 2
 
 
-def at_least_float32(x):  # bf16 logits from autocast -> fp32; float64 stays (gradcheck)
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+# ----------------------------------------------------------------------------------------- nCLIP
 
-
-def cross_entropy(targets, log_predictions):
-    """H(q, p) = -mean_i sum_k q_ik log p_ik."""
+def soft_cross_entropy(log_predictions, targets):
+    """H(q, p) = -mean_i sum_k q_ik log p_ik, for log p (B, K) and targets q (B, K): the
+    argument order of F.cross_entropy, with a distribution for a target."""
     return -(targets * log_predictions).sum(dim=-1).mean()
 
 
@@ -65,22 +68,29 @@ class NCLIPLoss(nn.Module):
         L_ent  = 1/2 [ mean_i H(p_v,i) + mean_i H(p_t,i) ]
         L_nCLIP = L_pred + lambda_me L_me + lambda_ent L_ent
 
-    L_ent (MSN's ent_weight, TWIST's sharpness term) is not in the paper's objective;
-    lambda_ent = 0 recovers it. The inputs are the prototype logits h(f), (B, K) each.
+    The constructor's defaults are the paper's form: tau_s 0.1, tau_t 0.04, lambda_me 1,
+    and no L_ent (lambda_ent 0; MSN's ent_weight, TWIST's sharpness term, not in the
+    paper). train.py's flags hold this project's tuned values, each flag's help the
+    paper's beside it.
+
+    The inputs are the prototype logits h(f), (B, K) each: the cosines between each
+    sample's bottleneck feature and the prototypes, which the model centres over the
+    batch first (PrototypeHead.prototype_logits, ModelConfig.center_prototype_logits).
     `regularizer` picks how collapse is fought: `memax` adds L_me (the paper); `center`
     subtracts DINO's EMA center from the target logits; `sinkhorn` makes the targets use
     every prototype equally over the batch (SwAV). The latter two drop L_me.
     """
 
-    def __init__(self, num_prototypes, *, student_temp=0.05, teacher_temp=0.02, me_max_weight=3.0,
-                 entropy_weight=1.0, regularizer="memax", center_momentum=0.9, target_grad=False):
+    def __init__(self, num_prototypes, *, student_temp=0.1, teacher_temp=0.04, me_max_weight=1.0,
+                 entropy_weight=0.0, regularizer="memax", center_momentum=0.9, target_grad=False):
         super().__init__()
         assert regularizer in REGULARIZERS, regularizer
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.me_max_weight, self.entropy_weight = me_max_weight, entropy_weight
         self.regularizer, self.center_momentum = regularizer, center_momentum
         self.target_grad = target_grad
-        self.register_buffer("center", torch.zeros(2, num_prototypes))  # DINO's, (image, text)
+        # DINO's center of the target logits, (image, text): --regularizer center only
+        self.register_buffer("dino_center", torch.zeros(2, num_prototypes))
 
     def forward(self, image_logits, text_logits):
         """Returns (L_nCLIP, terms): the loss and its detached parts."""
@@ -88,7 +98,7 @@ class NCLIPLoss(nn.Module):
         log_p_v = F.log_softmax(image_logits / self.student_temp, dim=-1)
         log_p_t = F.log_softmax(text_logits / self.student_temp, dim=-1)
         q_v, q_t = self.targets(image_logits, 0), self.targets(text_logits, 1)
-        prediction = (cross_entropy(q_t, log_p_v) + cross_entropy(q_v, log_p_t)) / 2
+        prediction = (soft_cross_entropy(log_p_v, q_t) + soft_cross_entropy(log_p_t, q_v)) / 2
 
         p_v, p_t = log_p_v.exp(), log_p_t.exp()
         mean_entropy = (entropy(global_mean(p_v)) + entropy(global_mean(p_t))) / 2
@@ -104,14 +114,64 @@ class NCLIPLoss(nn.Module):
         if self.regularizer == "sinkhorn":
             return sinkhorn(logits.detach() / self.teacher_temp)
         if self.regularizer == "center":
-            centered = logits - self.center[modality]
+            centered = logits - self.dino_center[modality]
             if self.training:  # DINO: c <- m c + (1 - m) mean of the batch's logits
                 batch_mean = global_mean(logits.detach())
-                self.center[modality].lerp_(batch_mean, 1 - self.center_momentum)
+                self.dino_center[modality].lerp_(batch_mean, 1 - self.center_momentum)
             logits = centered
         targets = F.softmax(logits / self.teacher_temp, dim=-1)
         return targets if self.target_grad else targets.detach()
 
+
+@torch.no_grad()
+def sinkhorn(scores, iterations=3):
+    """SwAV's equipartition over the global batch: Q = diag(a) exp(scores) diag(b)
+    with every prototype used equally and every sample's row summing to 1."""
+    scores = at_least_float32(scores)
+    q = torch.exp(scores - all_reduce_max(scores.max())).t()  # (K, B)
+    num_prototypes, global_batch = q.shape[0], q.shape[1] * world_size()
+    q /= all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * num_prototypes
+        q /= q.sum(dim=0, keepdim=True) * global_batch
+    return (q * global_batch).t()
+
+
+# ----------------------------------------------------------------------------------------- xCLIP
+
+def xclip_loss(clip, nclip, nclip_weight=1.0):
+    """xCLIP: L_xCLIP = L_CLIP + lambda_n * L_nCLIP, on shared encoders."""
+    return clip + nclip_weight * nclip
+
+
+class Objective(nn.Module):
+    """CLIP, nCLIP or xCLIP by name (model.OBJECTIVES): turns a TwoTowerOutput into
+    (loss, metrics). `nclip_options` are NCLIPLoss's."""
+
+    def __init__(self, name, num_prototypes=0, *, nclip_weight=1.0, local_loss=False,
+                 **nclip_options):
+        super().__init__()
+        self.name, self.nclip_weight, self.local_loss = name, nclip_weight, local_loss
+        if name in NON_CONTRASTIVE:
+            self.nclip = NCLIPLoss(num_prototypes, **nclip_options)
+
+    def forward(self, out):
+        metrics, loss = {}, 0.0
+        if self.name in CONTRASTIVE:
+            loss = clip_loss(out.image_embeddings, out.text_embeddings, out.logit_scale,
+                             self.local_loss)
+            metrics["clip/loss"] = loss.detach()
+            metrics["logit_scale"] = out.logit_scale.detach()
+        if self.name in NON_CONTRASTIVE:
+            nclip, terms = self.nclip(out.image_prototype_logits, out.text_prototype_logits)
+            metrics["nclip/loss"] = nclip.detach()
+            metrics.update({f"nclip/{name}_loss": value for name, value in terms.items()})
+            metrics.update(collapse_monitors(out, self.nclip.student_temp))
+            loss = nclip if self.name == "nclip" else xclip_loss(loss, nclip, self.nclip_weight)
+        return loss, metrics
+
+
+# -------------------------------------------------------------------------------------- monitors
 
 @torch.no_grad()
 def collapse_monitors(out, student_temp):
@@ -153,48 +213,3 @@ def collapse_monitors(out, student_temp):
     monitors["nclip/deviation_correlation"] = covariance / (
         image_deviation.norm() * text_deviation.norm()).clamp_min(1e-12)
     return monitors
-
-
-@torch.no_grad()
-def sinkhorn(scores, iterations=3):
-    """SwAV's equipartition over the global batch: Q = diag(a) exp(scores) diag(b)
-    with every prototype used equally and every sample's row summing to 1."""
-    scores = at_least_float32(scores)
-    q = torch.exp(scores - all_reduce_max(scores.max())).t()  # (K, B)
-    num_prototypes, global_batch = q.shape[0], q.shape[1] * world_size()
-    q /= all_reduce_sum(q.sum())
-    for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True)) * num_prototypes
-        q /= q.sum(dim=0, keepdim=True) * global_batch
-    return (q * global_batch).t()
-
-
-def xclip_loss(clip, nclip, nclip_weight=1.0):
-    """xCLIP: L_xCLIP = L_CLIP + lambda_n * L_nCLIP, on shared encoders."""
-    return clip + nclip_weight * nclip
-
-
-class Objective(nn.Module):
-    """CLIP, nCLIP or xCLIP by name: turns a TwoTowerOutput into (loss, metrics)."""
-
-    def __init__(self, name, num_prototypes=0, *, nclip_weight=1.0, local_loss=False,
-                 **nclip_options):
-        super().__init__()
-        self.name, self.nclip_weight, self.local_loss = name, nclip_weight, local_loss
-        if name in ("nclip", "xclip"):
-            self.nclip = NCLIPLoss(num_prototypes, **nclip_options)
-
-    def forward(self, out):
-        metrics, loss = {}, 0.0
-        if self.name in ("clip", "xclip"):
-            loss = clip_loss(out.image_embeddings, out.text_embeddings, out.logit_scale,
-                             self.local_loss)
-            metrics["clip/loss"] = loss.detach()
-            metrics["logit_scale"] = out.logit_scale.detach()
-        if self.name in ("nclip", "xclip"):
-            nclip, terms = self.nclip(out.image_prototype_logits, out.text_prototype_logits)
-            metrics["nclip/loss"] = nclip.detach()
-            metrics.update({f"nclip/{name}_loss": value for name, value in terms.items()})
-            metrics.update(collapse_monitors(out, self.nclip.student_temp))
-            loss = nclip if self.name == "nclip" else xclip_loss(loss, nclip, self.nclip_weight)
-        return loss, metrics

@@ -2,8 +2,8 @@
 tower, the CLIP projections and the nCLIP prototype heads.
 
 Reads top to bottom in the order data flows: config and presets, attention, MLP,
-block, the two towers, the prototype head, then the model that ties them together
-and its optimizer groups.
+block, the two towers, the prototype head, then the model that ties them together,
+its optimizer groups and the learning-rate schedule.
 """
 import math
 from contextlib import nullcontext
@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from distributed import global_mean
 
 OBJECTIVES = ("clip", "nclip", "xclip")
+CONTRASTIVE = ("clip", "xclip")       # the objectives with CLIP's projections and logit scale
+NON_CONTRASTIVE = ("nclip", "xclip")  # the objectives with nCLIP's prototype heads
 
 
 def _field(default, help):
@@ -59,6 +61,32 @@ class ModelConfig:
         "cl100k", "the captions' BPE (data.tokenizer_for): cl100k (tiktoken's cl100k_base) or "
                   "clip (CLIP's 49,408 tokens, from open_clip: what OpenAI's weights read)")
 
+    def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self):
+        """What makes this architecture unbuildable, as a one-line message naming the
+        flags; None if nothing."""
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                return f"--{tower}-width {width} is not a multiple of --{tower}-heads {heads}"
+        if self.context_length < 2:
+            return (f"--context-length {self.context_length} leaves no room for a word beside "
+                    "the end-of-text token; pass at least 2 (CLIP: 77)")
+        if self.image_size < self.patch_size:
+            return f"--image-size {self.image_size} is smaller than --patch-size {self.patch_size}"
+        if self.conv_stem and (self.patch_size & (self.patch_size - 1)
+                               or self.image_size % self.patch_size):
+            return (f"--conv-stem needs a power-of-2 --patch-size that divides --image-size; got "
+                    f"--patch-size {self.patch_size}, --image-size {self.image_size}")
+        if self.conv_stem and self.vision_width < self.patch_size // 2:
+            return (f"--conv-stem halves --vision-width once per stride-2 convolution: it needs "
+                    f"at least {self.patch_size // 2} for --patch-size {self.patch_size}")
+        return None
+
 
 PRESETS = {
     # Seconds per step on a laptop CPU; what the default job and the tests train.
@@ -78,8 +106,8 @@ def model_config(preset, **overrides):
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def at_least_float32(x):  # bf16 from autocast -> float32; float64 stays (gradcheck)
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def autocast_context(device, precision="auto"):
@@ -267,19 +295,18 @@ class PrototypeHead(nn.Module):
         # turns bf16's rounding of a cosine (up to 0.004) into 0.2 nats. The head is a few
         # million multiply-adds a sample against the towers' billions.
         with torch.autocast(features.device.type, enabled=False):
-            features = features.to(torch.promote_types(features.dtype, torch.float32))
-            bottleneck = F.normalize(self.mlp(features), dim=-1)
+            bottleneck = F.normalize(self.mlp(at_least_float32(features)), dim=-1)
             return bottleneck, bottleneck @ F.normalize(self.prototypes, dim=-1).t()
 
-    def center(self, cosines, update_running_center=True):
-        """The prototype logits h(f): the cosines minus each prototype's mean over the
-        global batch in training (and that mean folded into the running center), minus
-        the running center in evaluation; the cosines themselves without centering."""
+    def prototype_logits(self, cosines, update_running_center=True):
+        """The prototype logits h(f) from forward's cosines: minus each prototype's mean
+        over the global batch in training (and that mean folded into the running center),
+        minus the running center in evaluation; the cosines themselves without centering."""
         if not self.center_logits:
             return cosines
         if not self.training:
             return cosines - self.running_center
-        center = global_mean(cosines.to(torch.promote_types(cosines.dtype, torch.float32)))
+        center = global_mean(at_least_float32(cosines))
         if update_running_center:
             with torch.no_grad():
                 running_center = self.running_center
@@ -311,14 +338,15 @@ class TwoTowerModel(nn.Module):
     """The objective decides what is built: `clip` has projections and a logit scale,
     `nclip` has prototype heads, `xclip` has both, on the same two towers."""
 
-    def __init__(self, config: ModelConfig, objective="xclip", student_temp=0.05):
+    def __init__(self, config: ModelConfig, objective="xclip", student_temp=None):
         super().__init__()
         assert objective in OBJECTIVES, objective
+        # student_temp: tau_s of the objective, which an nCLIP model's embedding needs
         self.config, self.objective, self.student_temp = config, objective, student_temp
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
-        self.has_clip = objective in ("clip", "xclip")
-        self.has_prototypes = objective in ("nclip", "xclip")
+        self.has_clip = objective in CONTRASTIVE
+        self.has_prototypes = objective in NON_CONTRASTIVE
         if self.has_clip:
             self.image_projection = nn.Linear(config.vision_width, config.embed_dim, bias=False)
             self.text_projection = nn.Linear(config.text_width, config.embed_dim, bias=False)
@@ -372,7 +400,7 @@ class TwoTowerModel(nn.Module):
         features = self.image_tower_features(images)
         if not self.has_clip:
             _, cosines = self.image_head(features)
-            return self.prototype_embedding(self.image_head.center(cosines))
+            return self.prototype_embedding(self.image_head.prototype_logits(cosines))
         embeddings = self.image_projection(features)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
@@ -381,7 +409,7 @@ class TwoTowerModel(nn.Module):
         features = self.text_tower_features(tokens)
         if not self.has_clip:
             _, cosines = self.text_head(features)
-            return self.prototype_embedding(self.text_head.center(cosines))
+            return self.prototype_embedding(self.text_head.prototype_logits(cosines))
         embeddings = self.text_projection(features)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
@@ -389,6 +417,7 @@ class TwoTowerModel(nn.Module):
         """nCLIP has no joint space but the prototypes: embed a sample as the square
         root of its distribution p = softmax(h(f) / tau_s), a unit vector whose dot
         product with another is the Bhattacharyya coefficient sum_k sqrt(p_k q_k)."""
+        assert self.student_temp, "an nclip model's embedding needs its student_temp (tau_s)"
         return F.softmax(prototype_logits.float() / self.student_temp, dim=-1).sqrt()
 
     def forward(self, images, tokens, raw_cosines=False):
@@ -410,11 +439,14 @@ class TwoTowerModel(nn.Module):
         return out
 
     def center_cosines(self, out, update_running_center=True):
-        """`out` with each head's cosines centered over its batch (PrototypeHead.center)."""
+        """`out` with each head's cosines turned into its prototype logits, centered over
+        the batch (PrototypeHead.prototype_logits)."""
         if not self.has_prototypes:
             return out
-        image_logits = self.image_head.center(out.image_prototype_logits, update_running_center)
-        text_logits = self.text_head.center(out.text_prototype_logits, update_running_center)
+        image_logits = self.image_head.prototype_logits(out.image_prototype_logits,
+                                                        update_running_center)
+        text_logits = self.text_head.prototype_logits(out.text_prototype_logits,
+                                                      update_running_center)
         return replace(out, image_prototype_logits=image_logits, text_prototype_logits=text_logits)
 
     @torch.no_grad()
@@ -455,3 +487,11 @@ class TwoTowerModel(nn.Module):
         # The fused kernel (CUDA, and CPU since torch 2.4) updates each tensor in one pass;
         # on the tiny preset the step spends 12% of its time in foreach AdamW otherwise.
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def learning_rate(step, peak, warmup, steps):
+    """Linear warm-up to `peak`, then cosine decay to 0 at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))

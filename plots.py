@@ -1,13 +1,19 @@
 """Charts drawn with pillow, so that the project needs no plotting library: panels of
-line curves (training runs) and grouped bars with error bars (final metrics).
+line curves (training runs) and grouped bars with error bars (final metrics), and a
+training run's curves.png from its log.jsonl.
 
     line_panels("curves.png", [Panel("CLIP loss", "step", {"clip": ([0, 10], [4.8, 3.1])})])
     bar_chart("bars.png", "final metrics", ["shape", "color"], {"clip": [0.2, 1.0]}, errors)
+    training_curves("out")        # out/curves.png from out/log.jsonl
 """
+import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
+
+from faults import DataError, writing
 
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
           (140, 86, 75), (227, 119, 194), (127, 127, 127))
@@ -185,3 +191,40 @@ def bar_chart(path, title, groups, values, errors=None, y_label="", size=(880, 3
         draw.rectangle([box[2] + 14, y, box[2] + 26, y + 12], fill=COLORS[index % len(COLORS)])
         draw.text((box[2] + 32, y), name, fill=INK, font=small)
     image.save(path)
+
+
+# ----------------------------------------------------------------------------- a run's curves
+
+CURVES = (  # (panel title, log keys): what curves.png shows, where the log has it
+    ("loss", ("loss", "clip/loss", "nclip/loss")),
+    ("learning rate", ("lr",)),
+    ("logit scale", ("logit_scale",)),
+    ("nCLIP information (nats)", ("nclip/information",)),
+    ("nCLIP same prototype", ("nclip/same_prototype",)),
+    ("nCLIP prototype perplexity", ("nclip/image_perplexity", "nclip/text_perplexity")),
+    ("zero-shot top-1 (val)", ("zeroshot/shape/top1", "zeroshot/color/top1")),
+)
+
+
+def training_curves(out_dir):
+    """OUT_DIR/curves.png from OUT_DIR/log.jsonl (train.py's): loss, learning rate, logit
+    scale, the nCLIP collapse monitors and the --val-every zero-shot curve, where logged.
+    -> the picture's path"""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.isfile(log_path):
+        raise DataError(f"--plot {out_dir}: no log.jsonl there")
+    with open(log_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    panels = []
+    for title, keys in CURVES:
+        series = {}
+        for key in keys:
+            points = [(line["step"], line[key]) for line in lines if key in line]
+            if points:
+                series[key] = tuple(zip(*points))
+        if series:
+            panels.append(Panel(title, "step", series))
+    path = os.path.join(out_dir, "curves.png")
+    with writing(path):
+        line_panels(path, panels, columns=3, panel_size=(400, 280))
+    return path

@@ -63,8 +63,9 @@ def with_article(phrase):
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def heldout_pairs(count):
-    """`count` (color, shape) pairs never drawn in training, the same in every run."""
+def held_out_combinations(count):
+    """`count` (color, shape) combinations never drawn in training, the same in every run
+    (--synthetic-heldout-pairs)."""
     pairs = [(color, shape) for color in COLORS for shape in SHAPES]
     return set(random.Random(1234).sample(pairs, count))
 
@@ -205,7 +206,7 @@ class SyntheticCaptions(Dataset):
         self.tokenizer = tokenizer
         self.loose_fraction, self.unrelated_fraction = loose_fraction, unrelated_fraction
         self.two_object_fraction = two_object_fraction
-        self.heldout = heldout_pairs(num_heldout_pairs)
+        self.heldout = held_out_combinations(num_heldout_pairs)
         self.excluded_pairs = self.heldout if split == "train" else set()
         self.only_pairs = self.heldout if only_heldout else None
 

@@ -42,10 +42,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the paper's code
 from eval import HEADLINE_METRICS, dataset_name
+from faults import fail
+from flags import PAPER_FORM
+from flags import build_parser as train_parser
+from model import OBJECTIVES, PRESETS
 from plots import Panel, bar_chart, line_panels
-from train import build_parser as train_parser
 
-OBJECTIVES = ("clip", "nclip", "xclip")
 # column -> key in final_metrics.json (or in the last log line for nclip/*)
 METRICS = {**HEADLINE_METRICS, "kNN shape": "knn/synthetic_shape/top1",
            "kNN color": "knn/synthetic_color/top1", "nCLIP information": "nclip/information"}
@@ -61,10 +63,10 @@ SYNTHETIC_KEYS = (ZERO_SHOT, PROBE, KNN)
 # first is train.py's default, where the claims rows are.
 NOISE_LEVELS = ((0.05, 0.15), (0.15, 0.2), (0.25, 0.3), (0.5, 0.5))
 
-# Each of nCLIP's departures from the paper's objective, turned off one at a time, then all;
-# then the tiny preset's conv stem, its normalization, and the long warm-up, each off.
-PAPER_FORM = ("--no-center-prototype-logits --entropy-weight 0 --me-max-weight 1 "
-              "--student-temp 0.1 --teacher-temp 0.04 --num-prototypes 512")
+# Each of nCLIP's departures from the paper's objective, turned off one at a time, then all
+# (the paper's form, with K 4 x the batch); then the tiny preset's conv stem, its
+# normalization, and the long warm-up, each off.
+PAPER_FORM_ROW = " ".join(PAPER_FORM) + " --num-prototypes 512"
 ABLATIONS = (
     ("nclip", ""),
     ("nclip", "--no-center-prototype-logits"),
@@ -72,9 +74,9 @@ ABLATIONS = (
     ("nclip", "--me-max-weight 1"),
     ("nclip", "--student-temp 0.1 --teacher-temp 0.04"),
     ("nclip", "--num-prototypes 512"),
-    ("nclip", PAPER_FORM),
+    ("nclip", PAPER_FORM_ROW),
     ("xclip", ""),
-    ("xclip", PAPER_FORM),
+    ("xclip", PAPER_FORM_ROW),
     ("clip", "--no-conv-stem"),  # the tiny preset's image stem, for every objective
     ("xclip", "--no-conv-stem"),
     ("clip", "--no-conv-stem-norm"),
@@ -93,7 +95,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Check the paper's claims on the built-in data.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per objective")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: train.py's)")
-    p.add_argument("--model", default=None, help="preset (default: train.py's, tiny)")
+    p.add_argument("--model", choices=list(PRESETS), default=None,
+                   help="preset (default: train.py's, tiny)")
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
                    help="also train each objective at these batch sizes, on every seed")
     p.add_argument("--equal-images", action="store_true",
@@ -222,8 +225,8 @@ def run(args, name, objective, seed, extra=()):
         print(f"[{time.strftime('%H:%M:%S')}] {printable}", flush=True)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            sys.exit(f"claims.py: error: the run {name} failed ({result.returncode}):\n"
-                     + result.stderr[-2000:])
+            fail("claims.py", f"the run {name} failed ({result.returncode}):\n"
+                 + result.stderr[-2000:])
         with open(os.path.join(run_dir, "wall_seconds"), "w") as f:
             f.write(f"{time.time() - started:.0f}\n")
     with open(os.path.join(run_dir, "wall_seconds")) as f:
@@ -234,7 +237,7 @@ def run(args, name, objective, seed, extra=()):
             if not os.path.exists(output):
                 result = subprocess.run(evaluation, capture_output=True, text=True)
                 if result.returncode != 0:
-                    sys.exit(f"claims.py: error: scoring {name} failed: {result.stderr[-2000:]}")
+                    fail("claims.py", f"scoring {name} failed: {result.stderr[-2000:]}")
             with open(output) as f:
                 metrics.update(json.load(f))
     return {"name": name, "objective": objective, "seed": seed,
@@ -656,7 +659,7 @@ def ablation_study(args):
     with open(os.path.join(args.out_dir, "ablations.json"), "w") as f:
         json.dump([{k: v for k, v in r.items() if k != "log"} for r in runs], f, indent=1)
     for index, (objective, flags) in enumerate(ABLATIONS):
-        if objective == "nclip" and flags in ("", PAPER_FORM):
+        if objective == "nclip" and flags in ("", PAPER_FORM_ROW):
             title = "defaults" if not flags else "the paper's form"
             lines += ["", f"Collapse monitors of nCLIP, {title} (`{runs[index]['command']}`; "
                       "image / text where there are two):", "", monitor_table(runs[index]["log"])]

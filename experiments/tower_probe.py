@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
 from data import TrainTransform, normalize
-from faults import OneLineErrorParser, non_negative_float, positive_int
-from model import PRESETS, VisionTransformer
+from faults import OneLineErrorParser, non_negative_float, positive_int, reported_in_one_line
+from flags import add_model_flags, model_config_from_args
+from model import PRESETS, VisionTransformer, learning_rate
 from synthetic import COLORS, SHAPES, SyntheticCaptions, object_labels, scored_scenes
-from train import (add_model_flags, learning_rate, model_config_from_args,
-                   model_config_problem)
 
 
 def build_parser():
@@ -62,12 +61,9 @@ def labelled_batch(scenes, first_index, batch_size):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    config = model_config_from_args(args)
-    problem = model_config_problem(config)
-    if problem:
-        parser.error(problem)
+    args = build_parser().parse_args(argv)
+    with reported_in_one_line("tower_probe.py"):
+        config = model_config_from_args(args)
     torch.manual_seed(args.seed)
     tower = VisionTransformer(config)
     classifier = nn.Linear(config.vision_width, len(SHAPES))

@@ -19,10 +19,10 @@ echo "cpus: $(nproc)"
 
 step python -m pytest -q tests/test_gpu.py
 B16="--model vit_b16 --device cuda --precision bf16"
-step python bench.py $B16 --batch-size 256 --steps 10 --compile --compare xclip clip nclip
-step python bench.py $B16 --batch-size 256 --steps 10 --compare xclip
-step python bench.py $B16 --loss xclip --largest-batch
-step python bench.py $B16 --loss xclip --largest-batch --grad-checkpointing
+step python tools/bench.py $B16 --batch-size 256 --steps 10 --compile --compare xclip clip nclip
+step python tools/bench.py $B16 --batch-size 256 --steps 10 --compare xclip
+step python tools/bench.py $B16 --loss xclip --largest-batch
+step python tools/bench.py $B16 --loss xclip --largest-batch --grad-checkpointing
 WORKERS=$(( $(nproc) - 2 ))
-step python bench.py --loader --jpeg-shards --model vit_b16 --batch-size 256 --workers 8
-step python bench.py --loader --jpeg-shards --model vit_b16 --batch-size 256 --workers $WORKERS
+step python tools/bench.py --loader --jpeg-shards --model vit_b16 --batch-size 256 --workers 8
+step python tools/bench.py --loader --jpeg-shards --model vit_b16 --batch-size 256 --workers $WORKERS

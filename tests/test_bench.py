@@ -1,4 +1,4 @@
-"""bench.py as a user runs it, and the FLOP count its MFU rests on."""
+"""tools/bench.py as a user runs it, and the FLOP count its MFU rests on."""
 from contextlib import nullcontext
 
 import pytest
@@ -7,7 +7,7 @@ import torch._dynamo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench import flops_per_sample, synthetic_batch
+from tools.bench import flops_per_sample, synthetic_batch
 from conftest import run_script
 from losses import Objective
 from model import OBJECTIVES, TwoTowerModel, model_config
@@ -19,7 +19,7 @@ QUICK = ["--device", "cpu", "--warmup-steps", "1", "--vision-layers", "1", "--te
 
 
 def run_bench(*flags):
-    return run_script("bench.py", *flags, timeout=300)
+    return run_script("tools/bench.py", *flags, timeout=300)
 
 
 def test_bench_prints_its_figures_on_cpu():

@@ -9,7 +9,7 @@ from PIL import Image
 from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, normalize,
                   open_image, read_caption_table)
 from model import TwoTowerModel, model_config
-from synthetic import COLORS, SHAPES, SyntheticCaptions, heldout_pairs
+from synthetic import COLORS, SHAPES, SyntheticCaptions, held_out_combinations
 
 
 def test_tokenizer_round_trips_and_pads_after_end_of_text():
@@ -69,8 +69,8 @@ def test_synthetic_noise_fractions_are_close_to_the_requested_ones():
 
 
 def test_heldout_pairs_never_appear_in_training_but_fill_the_heldout_val_set():
-    held = heldout_pairs(4)
-    assert len(held) == 4 and held == heldout_pairs(4)
+    held = held_out_combinations(4)
+    assert len(held) == 4 and held == held_out_combinations(4)
     train = SyntheticCaptions("train", num_heldout_pairs=4)
     seen = {(o.color, o.shape) for i in range(2000) for o in train.scene(i)[0]}
     assert not seen & held

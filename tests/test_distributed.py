@@ -15,11 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import MINI, ROOT, SMALL_MODEL, small_config, write_tar_shards
-from faults import DataError
+from faults import UserError
 from synthetic import export
 from losses import Objective
 from model import TwoTowerModel
-from train import Trainee, distributed_model, forward_backward, process_device
+from distributed import distributed_model, process_device
+from train import Trainee, forward_backward
 GLOBAL_BATCH, EOT = 8, 999  # the small config's end-of-text token
 
 
@@ -108,7 +109,7 @@ def centers_after_one_batch(accum_freq):
     tokens[:, 5] = EOT
     forward_backward(Trainee(model, model, objective, None, nullcontext(), 1.0), images, tokens,
                      accum_freq)
-    return model.image_head.running_center, objective.nclip.center
+    return model.image_head.running_center, objective.nclip.dino_center
 
 
 def test_accumulation_moves_each_center_once_per_step():
@@ -179,11 +180,11 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_global_batch(tmp
 
 
 def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank():
-    assert process_device("cuda", local_rank=3, world_size=8) == "cuda:3"
-    assert process_device("cuda:1", local_rank=0, world_size=1) == "cuda:1"
-    assert process_device("cpu", local_rank=3, world_size=8) == "cpu"
-    with pytest.raises(DataError, match="pass --device cuda"):
-        process_device("cuda:1", local_rank=3, world_size=8)
+    assert process_device("cuda", local_rank=3, world=8) == "cuda:3"
+    assert process_device("cuda:1", local_rank=0, world=1) == "cuda:1"
+    assert process_device("cpu", local_rank=3, world=8) == "cpu"
+    with pytest.raises(UserError, match="pass --device cuda"):
+        process_device("cuda:1", local_rank=3, world=8)
 
 
 def test_the_validation_loss_of_two_ranks_is_that_of_one_process(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import SMALL_MODEL, run_script
 from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image,
                   open_image, read_caption_table, read_image_folder, read_lines)
-from eval import (NAMED_CLASSNAMES, NAMED_TEMPLATES, fit_logistic_regression, image_features,
+from eval import (NAMED_CLASSNAMES, NAMED_TEMPLATES, fit_logistic_regression, encode_images,
                   knn_probe, linear_probe, retrieval_recall, zero_shot_accuracy,
                   zero_shot_classifier)
 from synthetic import SHAPES
@@ -68,7 +68,7 @@ def test_image_folder_reads_classes_in_sorted_order_and_only_image_files(tmp_pat
 def test_unreadable_image_is_skipped_not_replaced(tmp_path):
     write_folder(tmp_path)
     paths = [path for path, _ in read_image_folder(str(tmp_path))[1]]
-    features, indices = image_features(FakeImageModel(),
+    features, indices = encode_images(FakeImageModel(),
                                        IndexedImages(paths, open_image, EvalTransform(8)),
                                        "cpu", batch_size=4)
     assert indices.tolist() == [0, 1, 2, 3, 4]  # broken.jpg, the last, is gone

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 import data
+import flags
 import train
 from checkpoint import CheckpointWriter
 from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
-from faults import take_out_dir
+from faults import UserError, take_out_dir
 
 def assert_one_line_error(result, message, code=2):
     assert result.returncode == code, result.stderr[-2000:]
@@ -56,7 +57,8 @@ def assert_one_line_error(result, message, code=2):
     (["--seed", "-1"], "must be an integer in [0, 2**32)"),
     (["--csv-separator", "::"], "must be one character"),
     (["--train-data", "tests"], "--train-data tests is a folder"),
-    (["--val-data", "pairs.parquet", "--val-every", "2"], "(a caption table or tar shards): 1 of 1 shards missing"),
+    (["--val-data", "pairs.parquet", "--val-every", "2"],
+     "(a caption table or tar shards): 1 of 1 shards missing"),
     (["--val-data", "missing.csv", "--val-every", "2"], "--val-data missing.csv: no such file"),
     (["--init-from", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--keep-every", "-1"], "must be an integer >= 0"),
@@ -321,11 +323,11 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_old_checkpoint(tmp_
     def no_space(obj, file):
         file.write(b"partial")
         raise OSError(28, "No space left on device")
-    args = train.build_parser().parse_args(MINI)
+    args = flags.build_parser().parse_args(MINI)
     writer = CheckpointWriter(path, vars(args))
     monkeypatch.setattr(torch, "save", no_space)
     writer.save(train.build_trainee(args, "cpu"), 3)  # written in the background
-    with pytest.raises(data.DataError, match="No space left on device"):
+    with pytest.raises(UserError, match="No space left on device"):
         writer.wait()
     assert (tmp_path / "ckpt.pt").read_bytes() == b"previous"
     assert not (tmp_path / "ckpt.pt.tmp").exists()
@@ -357,10 +359,10 @@ def write_image_folder(root, images_per_class=2):
 
 def test_a_caption_table_smaller_than_the_batch_is_refused(tmp_path, monkeypatch, capsys):
     table = write_caption_csv(tmp_path, rows=10)
-    for flags in (["--batch-size", "16"], ["--batch-size", "7", "--accum-freq", "3"]):
+    for batch in (["--batch-size", "16"], ["--batch-size", "7", "--accum-freq", "3"]):
         result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--train-data", table,
-                                *flags, "--out-dir", str(tmp_path / "o"))
-        global_batch = 16 if "16" in flags else 21
+                                *batch, "--out-dir", str(tmp_path / "o"))
+        global_batch = 16 if "16" in batch else 21
         assert_one_line_error(result, f"10 rows, fewer than the global batch of {global_batch}")
 
 

@@ -10,7 +10,7 @@ import torch._dynamo
 import torch.multiprocessing as mp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench import synthetic_batch
+from tools.bench import synthetic_batch
 from losses import Objective
 from model import OBJECTIVES, TwoTowerModel, model_config
 from test_distributed import (assert_same_loss_and_gradients, free_port, loss_and_gradients,

@@ -1,4 +1,4 @@
-"""interop.py: open_clip models imported into these towers and ours exported to open_clip
+"""tools/interop.py: open_clip models imported into these towers and ours exported to open_clip
 give the same embeddings; what does not map is refused in one line; CLIP's tokenizer gives
 open_clip's ids; clip_benchmark scores our model as eval.py does.
 
@@ -24,12 +24,12 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_ins"))
 
 from conftest import small_config
-from checkpoint import load_model
+from checkpoint import load_model, make_checkpoint
 from data import CLIPTokenizer, DataError, Tokenizer, normalize, tokenizer_for
 from eval import (SHAPE_TEMPLATES, encode_scenes, retrieval_recall, text_embeddings,
                   zero_shot_accuracy, zero_shot_classifier)
-from interop import (WEIGHTS_FILE, clip_benchmark_metrics, from_open_clip_state_dict,
-                     imported_checkpoint, main, read_state_dict, to_open_clip_state_dict)
+from tools.interop import (WEIGHTS_FILE, clip_benchmark_metrics, from_open_clip_state_dict,
+                     main, read_state_dict, to_open_clip_state_dict)
 from model import TwoTowerModel, model_config
 from synthetic import CAPTION, EXTRA_CAPTION, SHAPES, describe, object_labels, scored_scenes
 
@@ -349,7 +349,7 @@ def run_main(capsys, *argv):
 def write_checkpoint(tmp_path, model):
     folder = tmp_path / "run"
     folder.mkdir(exist_ok=True)
-    torch.save(imported_checkpoint(model), folder / "ckpt.pt")
+    torch.save(make_checkpoint(model, 0, {"seed": 0}), folder / "ckpt.pt")
     return str(folder / "ckpt.pt")
 
 

@@ -98,7 +98,7 @@ def nclip_with_center(num_prototypes, regularizer, generator, **options):
     nclip = NCLIPLoss(num_prototypes, regularizer=regularizer, student_temp=0.1, teacher_temp=0.04,
                       me_max_weight=1.0, **options).double().eval()
     center = torch.randn(2, num_prototypes, dtype=torch.float64, generator=generator) * 0.1
-    nclip.center.copy_(center)
+    nclip.dino_center.copy_(center)
     return nclip
 
 
@@ -233,6 +233,6 @@ def test_center_regularizer_updates_its_ema_and_drops_memax():
     nclip = NCLIPLoss(4, regularizer="center", center_momentum=0.9, entropy_weight=0.0)
     image_logits, text_logits = torch.rand(6, 4), torch.rand(6, 4)
     loss, terms = nclip(image_logits, text_logits)
-    assert torch.allclose(nclip.center[0], 0.1 * image_logits.mean(0))
-    assert torch.allclose(nclip.center[1], 0.1 * text_logits.mean(0))
+    assert torch.allclose(nclip.dino_center[0], 0.1 * image_logits.mean(0))
+    assert torch.allclose(nclip.dino_center[1], 0.1 * text_logits.mean(0))
     assert loss.item() == pytest.approx(terms["prediction"].item())

@@ -1,5 +1,5 @@
 """The model builds what its objective needs, with the parameter count the
-architecture implies, and its towers pool where METHOD.md says."""
+architecture implies, and its towers pool where the paper says."""
 import math
 
 import pytest
@@ -77,7 +77,7 @@ def test_preset_fields_can_be_overridden():
 
 def small_model(objective="xclip"):
     torch.manual_seed(0)
-    return TwoTowerModel(small_config(), objective).eval()
+    return TwoTowerModel(small_config(), objective, student_temp=0.05).eval()
 
 
 def test_forward_shapes_and_unit_norm_embeddings():
@@ -150,11 +150,11 @@ def test_evaluation_subtracts_the_running_center_of_the_training_batches():
     features = torch.randn(6, head.mlp[0].in_features)
     bottleneck, cosines = head(features)
     assert torch.allclose(cosines, bottleneck @ F.normalize(head.prototypes, dim=-1).t())
-    head.center(cosines)
+    head.prototype_logits(cosines)
     # momentum 0.9, from 0
     assert torch.allclose(head.running_center, 0.1 * cosines.mean(0), atol=1e-6)
     head.eval()
-    assert torch.allclose(head.center(cosines), cosines - head.running_center, atol=1e-6)
+    assert torch.allclose(head.prototype_logits(cosines), cosines - head.running_center, atol=1e-6)
 
 
 def test_uncentered_prototype_logits_are_cosines():

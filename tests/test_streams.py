@@ -7,7 +7,8 @@ import pytest
 from conftest import jpeg_bytes, write_tar_shards
 from data import (SKIP_REASONS, CaptionTableDataset, DataError, ResumableSampler, TarShardStream,
                   Tokenizer, EvalTransform, expand_shards, make_loader, tar_samples)
-from train import build_parser, build_train_loader
+from flags import build_parser
+from train import build_train_loader
 
 TOKENIZER = Tokenizer(context_length=8)
 TRANSFORM = EvalTransform(16)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import MINI, ROOT, SMALL_MODEL, run_script, run_train, write_tar_shards
+from flags import PAPER_FORM
 from synthetic import export
 
 SMALL = SMALL_MODEL + ["--batch-size", "32", "--val-samples", "200"]
@@ -84,10 +85,6 @@ def test_nclip_prototypes_carry_information_about_the_sample(trained):
     assert last["nclip/information"] > 0.5  # nats; 0 when every sample gets one distribution
     assert last["nclip/same_prototype"] > 0.2  # chance: 1/16
     assert metrics["zeroshot/color/top1"] > 0.3  # chance: 1/8
-
-
-PAPER_FORM = ["--no-center-prototype-logits", "--entropy-weight", "0", "--me-max-weight", "1",
-              "--student-temp", "0.1", "--teacher-temp", "0.04"]
 
 
 def test_the_collapse_monitor_catches_the_papers_form_collapsing(tmp_path):

@@ -1,14 +1,14 @@
 """Time the training step of CLIP, nCLIP or xCLIP on synthetic tensors.
 
-    python bench.py                                        # xCLIP, tiny model, CPU
-    python bench.py --model vit_b16 --batch-size 256 --device cuda --precision bf16 --compile
+    python tools/bench.py                                  # xCLIP, tiny model, CPU
+    python tools/bench.py --model vit_b16 --batch-size 256 --device cuda --precision bf16 --compile
 
 Takes train.py's flags (those about data, logging and checkpoints do nothing here) and
 times its step: forward under autocast, loss, backward, gradient clipping, AdamW step.
 Prints ms/step, samples/s, peak memory, model FLOPs per sample and MFU.
 
-    python bench.py --compare clip xclip open_clip --no-conv-stem   # interleaved, in one process
-    python bench.py --batch-size 32 --accum-freq 4         # accumulation, against one batch of 128
+    python tools/bench.py --compare clip xclip open_clip --no-conv-stem   # interleaved, one process
+    python tools/bench.py --batch-size 32 --accum-freq 4   # accumulation, against one batch of 128
 
 --compare times several steps on the same batch, alternating one step of each, so a busy
 machine slows them all alike, and prints each one's speed against the first. `open_clip`
@@ -16,6 +16,7 @@ is open_clip's own training step (its CLIP model at this architecture, its ClipL
 optimizer grouping); it needs `pip install open_clip_torch`, in a separate virtualenv: it
 is never a dependency of this project.
 """
+import argparse
 import io
 import math
 import os
@@ -29,12 +30,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from data import SKIP_REASONS, tokenizer_for
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
+from data import skip_text, tokenizer_for
+from distributed import default_device
 from eval import retrieval_recall
-from model import ConvStem, autocast_context, default_device
+from faults import UserError, reported_in_one_line
+from flags import build_parser, model_config_from_args
+from model import ConvStem, autocast_context
 from synthetic import SyntheticCaptions
-from train import (build_parser, build_train_loader, build_trainee, default_workers,
-                   model_config_from_args, train_step)
+from train import build_train_loader, build_trainee, train_step  # the step it times
 
 # Dense bf16 tensor-core peaks from the data sheets (TFLOP/s), by the exact name
 # torch.cuda.get_device_name gives: the PCIe and NVL parts of a GPU are slower than its
@@ -77,9 +81,7 @@ def parse_args():
                         "size) instead")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak for MFU; default: the table in bench.py for known GPUs")
-    args = p.parse_args()
-    args.workers = default_workers() if args.workers is None else args.workers
-    return args
+    return p.parse_args()
 
 
 def flops_per_sample(c, objective, batch_size):
@@ -178,8 +180,7 @@ def open_clip_step(args, config, device, autocast):
 
 
 def our_step(args, loss, device, accum_freq):
-    args.loss = loss
-    trainee = build_trainee(args, device)
+    trainee = build_trainee(argparse.Namespace(**{**vars(args), "loss": loss}), device)
 
     def step(images, tokens):
         train_step(trainee, images, tokens, accum_freq=accum_freq)
@@ -257,8 +258,7 @@ def time_loader(args, config):
     seconds = time.perf_counter() - started
     print(f"loader | {args.train_data} | {config.image_size} px | batch {args.batch_size} | "
           f"{args.workers} worker(s) | {args.steps} batches after {args.warmup_steps} warm-up")
-    counts = ", ".join(f"{reason} {int(n)}" for reason, n in zip(SKIP_REASONS, skipped))
-    print(f"images/s: {args.steps * args.batch_size / seconds:.0f} | skipped: {counts}")
+    print(f"images/s: {args.steps * args.batch_size / seconds:.0f} | {skip_text(skipped)}")
 
 
 def time_retrieval(config, trials=3):
@@ -276,24 +276,30 @@ def time_retrieval(config, trials=3):
 
 def main():
     args = parse_args()
-    device = torch.device(args.device or default_device())
+    with reported_in_one_line("bench.py"):
+        config = model_config_from_args(args)
+        device = torch.device(args.device or default_device())
+        if "open_clip" in (args.compare or ()) and config.conv_stem:
+            raise UserError("open_clip's ViT has no conv stem; pass --no-conv-stem to compare "
+                            "the same architecture")
+        if args.loader and args.jpeg_shards:
+            with tempfile.TemporaryDirectory(prefix="xclip-bench-") as folder:
+                shards = {"train_data": write_jpeg_shards(folder), "train_num_samples": 4000}
+                return time_loader(argparse.Namespace(**{**vars(args), **shards}), config)
+        if args.loader:
+            return time_loader(args, config)
+        if args.retrieval:
+            return time_retrieval(config)
+        if args.largest_batch:
+            return largest_batch(args, config, device)
+        time_steps(args, config, device)
+
+
+def time_steps(args, config, device):
+    """ms/step, samples/s, MFU and peak memory of each step --compare names (or --loss's),
+    timed interleaved on one synthetic batch."""
     autocast = autocast_context(device, args.precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    config = model_config_from_args(args)
-    if "open_clip" in (args.compare or ()) and config.conv_stem:
-        print("bench.py: error: open_clip's ViT has no conv stem; pass --no-conv-stem to compare "
-              "the same architecture", file=sys.stderr)
-        sys.exit(2)
-    if args.loader and args.jpeg_shards:
-        with tempfile.TemporaryDirectory(prefix="xclip-bench-") as folder:
-            args.train_data, args.train_num_samples = write_jpeg_shards(folder), 4000
-            return time_loader(args, config)
-    if args.loader:
-        return time_loader(args, config)
-    if args.retrieval:
-        return time_retrieval(config)
-    if args.largest_batch:
-        return largest_batch(args, config, device)
     steps, params = {}, {}
     for name in args.compare or [args.loss]:
         if name == "open_clip":

@@ -3,11 +3,12 @@ import an open_clip or OpenAI ViT CLIP into these towers, score a checkpoint wit
 clip_benchmark. Export and import need torch alone (a model of CLIP's vocabulary needs
 open_clip_torch for its tokenizer once used); clip-benchmark needs clip_benchmark.
 
-    python interop.py export --checkpoint runs/xclip/ckpt.pt --out exported/
-    python interop.py import --state-dict open_clip_pytorch_model.bin --quick-gelu --out b32.pt
-    python interop.py import --state-dict exported/open_clip_pytorch_model.bin \
+    python tools/interop.py export --checkpoint runs/xclip/ckpt.pt --out exported/
+    python tools/interop.py import --state-dict open_clip_pytorch_model.bin --quick-gelu \
+        --out b32.pt
+    python tools/interop.py import --state-dict exported/open_clip_pytorch_model.bin \
         --model-config exported/xclip.json --out back.pt
-    python interop.py clip-benchmark --checkpoint CKPT --dataset cifar10 --dataset-root data/
+    python tools/interop.py clip-benchmark --checkpoint CKPT --dataset cifar10 --dataset-root data/
 
 The two layouts hold the same tensors under other names (RENAMES), with the projections
 transposed: open_clip computes x @ proj where these towers hold nn.Linear weights.
@@ -15,18 +16,21 @@ transposed: open_clip computes x @ proj where these towers hold nn.Linear weight
 import argparse
 import json
 import os
+import sys
 import zipfile
-from dataclasses import asdict
 from unittest import mock
 
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoint import load, load_model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
+from checkpoint import load, load_model, make_checkpoint
 from data import CLIP_MEAN, CLIP_STD
+from distributed import default_device
 from eval import RECALL_AT
-from faults import DataError, OneLineErrorParser, device_name, non_negative_int, positive_int
-from model import ModelConfig, TwoTowerModel, default_device
+from faults import (DataError, OneLineErrorParser, device_name, non_negative_int, positive_int,
+                    reported_in_one_line, writing)
+from model import ModelConfig, TwoTowerModel
 
 # (our prefix, open_clip's), the first that matches; then BLOCK_RENAMES inside the blocks.
 RENAMES = (
@@ -113,15 +117,14 @@ def export(checkpoint_path, out_dir, name=None):
     name = name or os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))
     if not name or os.sep in name:
         raise DataError(f"--name {name!r}: the name is also a file name, without {os.sep}")
-    try:
+    config_path = os.path.join(out_dir, f"{name}.json")
+    weights_path = os.path.join(out_dir, WEIGHTS_FILE)
+    with writing(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-        config_path = os.path.join(out_dir, f"{name}.json")
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
-        weights_path = os.path.join(out_dir, WEIGHTS_FILE)
+    with writing(config_path), open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    with writing(weights_path):
         torch.save(state_dict, weights_path)
-    except OSError as error:
-        raise DataError(f"--out {out_dir}: {error.strerror or error}") from None
     return config_path, weights_path, model
 
 
@@ -311,13 +314,6 @@ def read_open_clip_config(path):
             "text_heads": text.get("heads", 8)}
 
 
-def imported_checkpoint(model):
-    """A checkpoint that checkpoint.load_model reads, as train.py would have written it
-    at step 0, without an optimizer state."""
-    return {"model": model.state_dict(), "step": 0,
-            "args": {"seed": 0, "student_temp": model.student_temp},
-            "model_config": asdict(model.config), "objective": model.objective, "skipped": {}}
-
 
 def architecture_summary(config):
     gelu = "QuickGELU" if config.quick_gelu else "GELU"
@@ -458,7 +454,9 @@ def import_state_dict(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise DataError(f"--out {args.out}: no folder {out_dir}")
-    torch.save(imported_checkpoint(model), args.out)
+    # what checkpoint.load_model reads, as train.py would write it at step 0, no optimizer
+    with writing(args.out):
+        torch.save(make_checkpoint(model, 0, {"seed": 0}), args.out)
     print(f"read {args.state_dict}: {architecture_summary(model.config)}")
     print(f"wrote {args.out} (objective clip): python eval.py zeroshot --checkpoint {args.out} ...")
 
@@ -470,7 +468,7 @@ def write_benchmark_results(args, metrics, task):
     # clip_benchmark's own layout, so that its `build` command tabulates this file too
     results = {"dataset": args.dataset, "model": "xclip", "pretrained": args.checkpoint,
                "task": task, "metrics": metrics, "language": "en"}
-    with open(output, "w") as f:
+    with writing(output), open(output, "w") as f:
         json.dump(results, f, indent=1)
     for key, value in metrics.items():
         print(f"{key:<28}  {value:.4f}")
@@ -478,9 +476,8 @@ def write_benchmark_results(args, metrics, task):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+    with reported_in_one_line("interop.py"):
         if args.command == "export":
             print_how_to_open(*export(args.checkpoint, args.out, args.name))
         elif args.command == "import":
@@ -489,8 +486,6 @@ def main(argv=None):
             if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
                 raise DataError(f"--output {args.output}: no such folder")
             write_benchmark_results(args, *clip_benchmark(args))
-    except DataError as error:
-        parser.error(str(error))
 
 
 if __name__ == "__main__":

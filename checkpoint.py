@@ -9,6 +9,7 @@ torch.load(weights_only=True): opening a checkpoint from someone else cannot run
 Written with --no-save-optimizer, a checkpoint has no "optimizer" (a third of the size):
 it evaluates and starts runs (--init-from) but does not resume one.
 """
+import errno
 import os
 import shutil
 import threading
@@ -17,7 +18,7 @@ from dataclasses import asdict, fields
 import torch
 
 from data import EvalTransform, normalize, tokenizer_for
-from faults import DataError, NonFiniteLoss
+from faults import DataError, NonFiniteLoss, UserError
 from model import ModelConfig, TwoTowerModel
 
 KEYS = {"model", "step", "args", "model_config", "objective"}
@@ -26,13 +27,14 @@ KEYS = {"model", "step", "args", "model_config", "objective"}
 class CheckpointWriter:
     """Writes OUT_DIR/ckpt.pt in a background thread, so that training goes on while a
     large checkpoint (a B/16 with its AdamW state: 2.4 GB) reaches the disk. `save`
-    copies the state to the host, the only pause, and returns; a write that failed
-    raises its DataError at the next `save` or at `wait`."""
+    queues the copy of the state to the host and returns; a write that failed raises its
+    UserError at the next `save` or at `wait`."""
 
     def __init__(self, path, flags, save_optimizer=True):
         self.path, self.flags = path, flags  # flags: train.py's, saved with every checkpoint
         self.save_optimizer = save_optimizer
         self.thread, self.error = None, None
+        self.host = HostCopy()
 
     def save(self, trainee, step, skip_counts=None, keep=False):
         """The training state of `trainee` (.model, .objective, .optimizer) after `step`
@@ -47,18 +49,22 @@ class CheckpointWriter:
             raise NonFiniteLoss(f"{len(broken)} weight tensor(s) are not finite at step {step} "
                                 f"({broken[0]}, ...); {self.path} is untouched. Try a lower --lr")
         kept = self.kept_path(step) if keep else None
-        self.thread = threading.Thread(target=self.write, args=(to_host(checkpoint), kept))
+        host_checkpoint, copied = self.host.copy(checkpoint)
+        self.thread = threading.Thread(target=self.write, args=(host_checkpoint, kept, copied))
         self.thread.start()
 
     def kept_path(self, step):
         return os.path.join(os.path.dirname(self.path), f"ckpt_{step}.pt")
 
-    def write(self, checkpoint, kept=None):
+    def write(self, checkpoint, kept=None, copied=None):
         """To a temporary file, then renamed: a crash never leaves a half-written file,
         and a full disk leaves the previous checkpoint as it was. A kept copy is a hard
-        link to the same file (a copy where the file system has none)."""
+        link to the same file (a copy where the file system has none). `copied`: an
+        event the GPU passes once its copies to the host are done."""
         temporary = self.path + ".tmp"
         try:
+            if copied is not None:
+                copied.synchronize()
             with open(temporary, "wb") as f:  # a full disk is then an OSError saying so
                 torch.save(checkpoint, f)
             if kept:
@@ -72,10 +78,9 @@ class CheckpointWriter:
         except Exception as error:  # in this thread: whatever it is, wait() raises it
             if os.path.lexists(temporary):
                 os.remove(temporary)
-            reason = (getattr(error, "strerror", None)
-                      or (str(error).splitlines() or [type(error).__name__])[0])
-            self.error = DataError(f"could not write {self.path} ({reason}); the previous "
-                                   "checkpoint, if any, is untouched")
+            self.error = UserError(f"could not write {self.path} "
+                                   f"({write_failure(error, checkpoint, self.path)}); the "
+                                   "previous checkpoint, if any, is untouched")
 
     def wait(self):
         """Until the last checkpoint is on disk; its error, if it had one."""
@@ -101,16 +106,67 @@ def make_checkpoint(model, step, flags, skip_counts=None, objective=None, optimi
     return checkpoint
 
 
-def to_host(value):
-    """A copy of `value` (nested dicts, lists, tuples of tensors and plain values) with
-    every tensor in host memory: the training goes on updating the originals."""
+def write_failure(error, checkpoint, path):
+    """Why a checkpoint could not be written, in words. A full disk reaches torch.save's
+    zip writer as "unexpected pos" where no OSError says so: the bytes needed against
+    those free tell it."""
+    needed = tensor_bytes(checkpoint)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+        return (f"No space left on device; the checkpoint needs about {needed / 2**20:.0f} "
+                f"MiB, {free / 2**20:.0f} MiB are free there")
+    return (getattr(error, "strerror", None)
+            or (str(error).splitlines() or [type(error).__name__])[0])
+
+
+def tensor_bytes(value):
+    """The bytes of the tensors in `value` (nested dicts, lists, tuples)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return {key: to_host(item) for key, item in value.items()}
+        return sum(tensor_bytes(item) for item in value.values())
     if isinstance(value, (list, tuple)):
-        return type(value)(to_host(item) for item in value)
-    return value
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
+class HostCopy:
+    """Copies of a checkpoint's tensors in host memory, for the writer thread while the
+    training goes on updating the originals. A GPU's tensors go into pinned buffers kept
+    from one save to the next (allocating 2.4 GB of pinned memory costs more than the
+    copy) without the host waiting for each: the copies queue behind the step on the
+    GPU, and an event tells the writer when they are done."""
+
+    def __init__(self):
+        self.buffers = {}  # a tensor's place in the checkpoint -> its pinned buffer
+        self.queued = False  # whether the last copy queued a GPU tensor
+
+    def copy(self, checkpoint):
+        """-> (the copy, a CUDA event recorded after the copies, or None on the CPU)"""
+        self.queued = False
+        copy = self.to_host(checkpoint, ())
+        if not self.queued:
+            return copy, None
+        event = torch.cuda.Event()
+        event.record()
+        return copy, event
+
+    def to_host(self, value, place):
+        if isinstance(value, torch.Tensor):
+            if not value.is_cuda:
+                return value.detach().to("cpu", copy=True)
+            buffer = self.buffers.get(place)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                self.buffers[place] = buffer
+            self.queued = True
+            return buffer.copy_(value.detach(), non_blocking=True)
+        if isinstance(value, dict):
+            return {key: self.to_host(item, (*place, key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.to_host(item, (*place, index))
+                               for index, item in enumerate(value))
+        return value
 
 
 def non_finite_tensors(state_dict):

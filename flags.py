@@ -185,8 +185,9 @@ def build_parser():
                      help="ImageNet-style folder DATA/<class>/<image> for --val-every "
                           "(open_clip's --imagenet-val)")
     run.add_argument("--classnames", default=None,
-                     help="class names for --zeroshot-data, one per line in sorted folder "
-                          "order; 'imagenet' for ImageNet's (default: the folder names)")
+                     help="class names for --zeroshot-data, as eval.py zeroshot takes them: "
+                          "'imagenet' for ImageNet's (folders named by WordNet id or class "
+                          "index), or a file of names (default: the folder names)")
     return p
 
 

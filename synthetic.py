@@ -232,6 +232,12 @@ class SyntheticCaptions(Dataset):
         loose = draw < self.unrelated_fraction + self.loose_fraction
         return describe(*self.scene(index), rng, loose)
 
+    def exact_captions(self, index, count=3):
+        """`count` captions of sample `index`'s scene (at most 3), each drawn from a stream of
+        its own and none loose or unrelated: what the scene shows, in different words."""
+        streams = (CAPTION, EXTRA_CAPTION, EXTRA_CAPTION + 1)[:count]
+        return [describe(*self.scene(index), self.rng(index, stream)) for stream in streams]
+
     def image(self, index):
         return render_scene(self.scene(index)[0], self.rng(index, RENDERING), self.image_size)
 
@@ -283,9 +289,7 @@ def export(out_dir, num_images=500, seed=0, image_size=48, num_heldout_pairs=4):
         rows = csv.writer(f)
         rows.writerow(["filepath", "title"])
         for index in range(num_images):
-            # three captions per image, drawn with other streams of the same scene
-            for stream in (CAPTION, EXTRA_CAPTION, EXTRA_CAPTION + 1):
-                caption = describe(*scenes.scene(index), scenes.rng(index, stream))
+            for caption in scenes.exact_captions(index, 3):
                 rows.writerow([image_path(scenes, index), caption])
 
 

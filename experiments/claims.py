@@ -30,6 +30,7 @@ On your own data (--train-data), each run is scored by eval.py's commands on the
 given (zero-shot, retrieval, linear and kNN probes), and the claims are decided from those.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -50,15 +51,21 @@ from plots import Panel, bar_chart, line_panels
 
 # column -> key in final_metrics.json (or in the last log line for nclip/*)
 METRICS = {**HEADLINE_METRICS, "kNN shape": "knn/synthetic_shape/top1",
-           "kNN color": "knn/synthetic_color/top1", "nCLIP information": "nclip/information"}
+           "kNN color": "knn/synthetic_color/top1",
+           "text probe shape": "text_probe/synthetic_shape/top1",
+           "text probe color": "text_probe/synthetic_color/top1",
+           "text→text R@1": "text_retrieval/synthetic/text_to_text/R@1",
+           "nCLIP information": "nclip/information"}
 ABLATION_METRICS = ("nclip/information", "nclip/same_prototype", "nclip/image_perplexity",
                     "zeroshot/color/top1", "zeroshot/shape/top1",
                     "retrieval/synthetic/image_to_text/R@1", "linear_probe/synthetic_shape/top1")
 ZERO_SHOT = ("zeroshot/shape/top1", "zeroshot/color/top1")
 PROBE = ("linear_probe/synthetic_shape/top1", "linear_probe/synthetic_color/top1")
 KNN = ("knn/synthetic_shape/top1", "knn/synthetic_color/top1")
-# What each claim averages, on the built-in data: (zero-shot, linear probe, kNN probe) keys.
-SYNTHETIC_KEYS = (ZERO_SHOT, PROBE, KNN)
+TEXT_PROBE = ("text_probe/synthetic_shape/top1", "text_probe/synthetic_color/top1")
+# What each claim averages, on the built-in data: (zero-shot, linear probe, kNN probe, the
+# text tower's linear probe) keys.
+SYNTHETIC_KEYS = (ZERO_SHOT, PROBE, KNN, TEXT_PROBE)
 # Web-style caption noise of the built-in data, (unrelated, loose) caption fractions; the
 # first is train.py's default, where the claims rows are.
 NOISE_LEVELS = ((0.05, 0.15), (0.15, 0.2), (0.25, 0.3), (0.5, 0.5))
@@ -104,7 +111,8 @@ def parse_args(argv=None):
                         "scaled by default batch / batch)")
     p.add_argument("--noise", action="store_true",
                    help="also train each objective on every seed at the caption-noise levels "
-                        f"{NOISE_LEVELS[1:]} (unrelated, loose fractions)")
+                        f"{NOISE_LEVELS[1:]} (unrelated, loose fractions); with --real-data, "
+                        "on its captions_unrelated_F.csv tables")
     p.add_argument("--prototype-ratios", type=float, nargs="*", default=[],
                    help="also train nCLIP and xCLIP (first seed) with K = ratio x batch "
                         "prototypes, at each of --prototype-batches")
@@ -112,6 +120,10 @@ def parse_args(argv=None):
                    help="global batches of the --prototype-ratios rows (above --batch-size by "
                         "--accum-freq)")
     real = p.add_argument_group("your own data (instead of the built-in data)")
+    real.add_argument("--real-data", metavar="DIR", default=None,
+                      help="a folder experiments/real_data.py exported (fashion-mnist, mnist "
+                           "or both): the flags below from its layout, and --noise from its "
+                           "captions_unrelated_F.csv tables")
     real.add_argument("--train-data", default=None,
                       help="train.py's --train-data: tar shards or a caption table")
     real.add_argument("--zeroshot-data", help="image folder for zero-shot (claims 1 and 3)")
@@ -124,13 +136,20 @@ def parse_args(argv=None):
                    help="run the nCLIP ablations (first seed) instead of the claims")
     p.add_argument("--val-every", type=int, default=100,
                    help="steps between zero-shot curve points")
-    p.add_argument("--out-dir", default=os.path.join("experiments", "results"),
-                   help="where runs, tables and plots go")
+    p.add_argument("--out-dir", default=None,
+                   help="where runs, tables and plots go (default: experiments/results, or "
+                        "experiments/results/real/NAME for --real-data)")
     p.add_argument("--launcher", default=None,
                    help="what runs train.py instead of this Python, e.g. 'torchrun "
                         "--nproc_per_node=8' for a node of GPUs")
     args = p.parse_args(argv)
     args.train_flags = train_flags
+    if args.real_data:
+        use_real_data(p, args)
+    args.out_dir = args.out_dir or os.path.join("experiments", "results", *(
+        ("real", os.path.basename(os.path.normpath(args.real_data))) if args.real_data else ()))
+    if args.noise and args.train_data and not args.real_data:
+        p.error("--noise on your own data takes its noisier tables from --real-data DIR")
     if args.train_data and not (args.zeroshot_data and args.probe_train_data
                                 and args.probe_test_data):
         p.error("--train-data needs --zeroshot-data, --probe-train-data and --probe-test-data: "
@@ -138,9 +157,40 @@ def parse_args(argv=None):
     return args
 
 
+def use_real_data(parser, args):
+    """The own-data flags of an exported real-data folder (experiments/real_data.py)."""
+    folder = args.real_data
+    if not os.path.isfile(os.path.join(folder, "captions.csv")):
+        parser.error(f"--real-data {folder}: no captions.csv there; export it with "
+                     "python experiments/real_data.py export DIR")
+    args.train_data = os.path.join(folder, "captions.csv")
+    args.zeroshot_data = args.probe_test_data = os.path.join(folder, "test")
+    args.probe_train_data = os.path.join(folder, "probe_train")
+    args.classnames = os.path.join(folder, "classnames.txt")
+    args.templates = os.path.join(folder, "templates.txt")
+
+
+def sources_of(args):
+    """{source: its class folders} of a run on both/ (its sources.json); {} otherwise."""
+    path = os.path.join(args.real_data or "", "sources.json")
+    if not args.real_data or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def source_scores(args, metrics):
+    """Each source's zero-shot top-1 in a run on both/: the mean of its classes' top-1 (the
+    test splits are balanced), out of all the classes. -> {key: value}"""
+    name = dataset_name(args.zeroshot_data)
+    return {f"zeroshot/{name}/{source}/top1": statistics.fmean(
+        metrics[f"zeroshot/{name}/class_top1/{folder}"] for folder in folders)
+        for source, folders in sources_of(args).items()}
+
+
 def own_data_keys(args):
-    """(columns {label: metric key}, (zero-shot, linear probe, kNN probe) keys) of the
-    eval.py commands a run on --train-data is scored with."""
+    """(columns {label: metric key}, (zero-shot, linear probe, kNN probe, no text probe)
+    keys) of the eval.py commands a run on --train-data is scored with."""
     zero_shot = dataset_name(args.zeroshot_data)
     probe = dataset_name(args.probe_test_data)
     columns = {f"zero-shot {zero_shot} top-1": f"zeroshot/{zero_shot}/top1"}
@@ -148,10 +198,12 @@ def own_data_keys(args):
         retrieval = dataset_name(args.retrieval_data)
         columns["image→text R@1"] = f"retrieval/{retrieval}/image_to_text/R@1"
         columns["text→image R@1"] = f"retrieval/{retrieval}/text_to_image/R@1"
+    for source in sources_of(args):
+        columns[f"zero-shot {source} (of {zero_shot})"] = f"zeroshot/{zero_shot}/{source}/top1"
     columns.update({f"probe {probe}": f"linear_probe/{probe}/top1",
                     f"kNN {probe}": f"knn/{probe}/top1", "nCLIP information": "nclip/information"})
     keys = ((columns[f"zero-shot {zero_shot} top-1"],), (columns[f"probe {probe}"],),
-            (columns[f"kNN {probe}"],))
+            (columns[f"kNN {probe}"],), None)
     return columns, keys
 
 
@@ -240,6 +292,7 @@ def run(args, name, objective, seed, extra=()):
                     fail("claims.py", f"scoring {name} failed: {result.stderr[-2000:]}")
             with open(output) as f:
                 metrics.update(json.load(f))
+        metrics.update(source_scores(args, metrics))
     return {"name": name, "objective": objective, "seed": seed,
             "command": f"{args.launcher or 'python'} {printable}",
             "wall_seconds": wall_seconds, "metrics": metrics, "log": log}
@@ -264,8 +317,8 @@ def compare(better, worse):
 
 
 def verdict(difference, standard_error, n):
-    if n < 2:
-        return "holds (one seed)" if difference > 0 else "does not hold (one seed)"
+    if n < 2:  # no standard error: the sign alone is not a result
+        return "no verdict (one seed)"
     if difference > 2 * standard_error:
         return "holds"
     if difference < -2 * standard_error:
@@ -275,9 +328,11 @@ def verdict(difference, standard_error, n):
 
 def claim_verdicts(runs_by_objective, keys=SYNTHETIC_KEYS):
     """The paper's three claims, each with its verdict and the numbers behind it; claim 2
-    by the linear probe and by the kNN probe. `keys`: the metric keys of zero-shot, of the
-    linear probe and of the kNN probe, each averaged."""
-    zero_shot_keys, probe_keys, knn_keys = keys
+    by the linear probe and by the kNN probe, and for the text tower (its linear probe:
+    nCLIP's and xCLIP's against CLIP's). `keys`: the metric keys of zero-shot, of the
+    linear probe, of the kNN probe and of the text probe (None: no text rows), each
+    averaged."""
+    zero_shot_keys, probe_keys, knn_keys, text_keys = keys
 
     def scores(objective, keys):
         return [score(run, keys) for run in runs_by_objective.get(objective, [])]
@@ -296,10 +351,17 @@ def claim_verdicts(runs_by_objective, keys=SYNTHETIC_KEYS):
         numbers, outcome = line(*compare(scores("nclip", probe_of), scores("clip", probe_of)))
         claims.append((f"2. The non-contrastive objective helps representation learning "
                        f"({probe_name})", f"nCLIP − CLIP, {probe_name} {of}: {numbers}", outcome))
+    for objective in ("nclip", "xclip") if text_keys else ():
+        numbers, outcome = line(*compare(scores(objective, text_keys), scores("clip", text_keys)))
+        name = {"nclip": "nCLIP", "xclip": "xCLIP"}[objective]
+        claims.append((f"2. The text tower: {name}'s beats CLIP's (text probe)",
+                       f"{name} − CLIP, text probe {of}: {numbers}", outcome))
     zero_shot = compare(scores("xclip", zero_shot_keys), scores("clip", zero_shot_keys))
     probe = compare(scores("xclip", probe_keys), scores("clip", probe_keys))
     outcomes = [verdict(*zero_shot), verdict(*probe)]
-    if all(o.startswith("holds") for o in outcomes):
+    if any(o.startswith("no verdict") for o in outcomes):
+        outcome = outcomes[0]
+    elif all(o.startswith("holds") for o in outcomes):
         outcome = outcomes[0]
     elif any(o.startswith("does not hold") for o in outcomes):
         outcome = next(o for o in outcomes if o.startswith("does not hold"))
@@ -498,40 +560,56 @@ def draw_prototypes(out_dir, by_line, keys=SYNTHETIC_KEYS):
     line_panels(os.path.join(out_dir, "prototypes.png"), panels)
 
 
-def noise_study(args, clean_runs):
-    """Each objective on every seed at NOISE_LEVELS[1:], beside the default runs at the
-    first: -> ({(unrelated, loose): {objective: [runs]}}, markdown lines)."""
-    by_level = {NOISE_LEVELS[0]: clean_runs}
-    for unrelated, loose in NOISE_LEVELS[1:]:
-        flags = ["--synthetic-unrelated-fraction", str(unrelated),
-                 "--synthetic-loose-fraction", str(loose)]
-        by_level[(unrelated, loose)] = {
-            objective: [run(args, f"{objective}-noise{unrelated:g}-{loose:g}-seed{seed}",
-                            objective, seed, flags) for seed in args.seeds]
+def noise_levels(args):
+    """The caption-noise levels, the cleanest first (the claims rows): [(label, unrelated
+    caption fraction, train.py's flags, run name part)]. On the built-in data NOISE_LEVELS;
+    on --real-data its captions_unrelated_F.csv tables."""
+    if not args.real_data:
+        return [(f"unrelated {unrelated:g}, loose {loose:g}", unrelated,
+                 ["--synthetic-unrelated-fraction", str(unrelated),
+                  "--synthetic-loose-fraction", str(loose)], f"noise{unrelated:g}-{loose:g}")
+                for unrelated, loose in NOISE_LEVELS]
+    levels = [("unrelated 0", 0.0, [], None)]
+    for path in sorted(glob.glob(os.path.join(args.real_data, "captions_unrelated_*.csv"))):
+        unrelated = float(path.rsplit("_", 1)[1].removesuffix(".csv"))
+        levels.append((f"unrelated {unrelated:g}", unrelated, ["--train-data", path],
+                       f"unrelated{unrelated:g}"))
+    return levels
+
+
+def noise_study(args, clean_runs, columns=METRICS, keys=SYNTHETIC_KEYS):
+    """Each objective on every seed at each noisier level of noise_levels, beside the
+    claims rows at the first: -> ({label: {objective: [runs]}}, {label: unrelated fraction},
+    markdown lines)."""
+    levels = noise_levels(args)
+    by_level = {levels[0][0]: clean_runs}
+    for label, _, flags, part in levels[1:]:
+        by_level[label] = {
+            objective: [run(args, f"{objective}-{part}-seed{seed}", objective, seed, flags)
+                        for seed in args.seeds]
             for objective in OBJECTIVES}
-    rows = [(f"{objective}, unrelated {unrelated:g}, loose {loose:g}", runs)
-            for (unrelated, loose), runs_by_objective in by_level.items()
+    rows = [(f"{objective}, {label}", runs) for label, runs_by_objective in by_level.items()
             for objective, runs in runs_by_objective.items()]
-    lines = [metrics_table(rows), "", "| what | the numbers | verdict |", "| --- | --- | --- |"]
+    lines = [metrics_table(rows, columns), "", "| what | the numbers | verdict |",
+             "| --- | --- | --- |"]
     lines += [f"| {what} | {numbers} | **{outcome}** |"
-              for what, numbers, outcome in noise_verdicts(by_level)]
-    return by_level, lines
+              for what, numbers, outcome in noise_verdicts(by_level, keys)]
+    return by_level, {label: unrelated for label, unrelated, _, _ in levels}, lines
 
 
-def noise_verdicts(by_level):
+def noise_verdicts(by_level, keys=SYNTHETIC_KEYS):
     """At each noisier level, whether xCLIP, and nCLIP, lose less than CLIP from the cleanest
     level, on zero-shot and on the linear probe: their drop minus CLIP's, by the
-    two-standard-error rule."""
+    two-standard-error rule. `by_level`: {label: {objective: runs}}, the cleanest first."""
     verdicts, clean = [], next(iter(by_level.values()))
-    for unrelated, loose in list(by_level)[1:]:
-        for name, keys in (("zero-shot", ZERO_SHOT), ("linear probe", PROBE)):
-            drop = {objective: changes(clean[objective], by_level[unrelated, loose][objective],
-                                       keys) for objective in OBJECTIVES}
+    for label in list(by_level)[1:]:
+        for name, of in (("zero-shot", keys[0]), ("linear probe", keys[1])):
+            drop = {objective: changes(clean[objective], by_level[label][objective], of)
+                    for objective in OBJECTIVES}
             for objective in ("xclip", "nclip"):
                 difference, standard_error, n = compare(drop[objective], drop["clip"])
                 verdicts.append((
-                    f"{objective} loses less {name} than CLIP at unrelated {unrelated:g}, "
-                    f"loose {loose:g}",
+                    f"{objective} loses less {name} than CLIP at {label}",
                     f"{objective} drop {statistics.fmean(drop[objective]):+.3f}, "
                     f"CLIP drop {statistics.fmean(drop['clip']):+.3f}; difference "
                     f"{difference:+.3f} ± {2 * standard_error:.3f} (2 SE)",
@@ -539,19 +617,19 @@ def noise_verdicts(by_level):
     return verdicts
 
 
-def draw_noise(out_dir, by_level):
-    """noise.png: zero-shot and linear-probe score against the unrelated-caption fraction,
-    a line per objective (mean over seeds)."""
+def draw_noise(out_dir, by_level, unrelated, keys=SYNTHETIC_KEYS):
+    """noise.png: zero-shot and linear-probe score against the unrelated-caption fraction
+    (`unrelated`: {label: fraction}), a line per objective (mean over seeds)."""
     panels = []
-    for title, keys in (("zero-shot (mean of shape, color)", ZERO_SHOT),
-                        ("linear probe (mean of shape, color)", PROBE)):
+    for title, of in (("zero-shot top-1 (mean of its sets)", keys[0]),
+                      ("linear probe top-1 (mean of its sets)", keys[1])):
         series = {}
         for objective in OBJECTIVES:
-            levels = sorted(by_level)
-            series[objective] = ([unrelated for unrelated, _ in levels],
-                                 [statistics.fmean(score(r, keys)
-                                                   for r in by_level[level][objective])
-                                  for level in levels])
+            labels = sorted(by_level, key=unrelated.get)
+            series[objective] = ([unrelated[label] for label in labels],
+                                 [statistics.fmean(score(r, of)
+                                                   for r in by_level[label][objective])
+                                  for label in labels])
         panels.append(Panel(title, "unrelated caption fraction", series))
     line_panels(os.path.join(out_dir, "noise.png"), panels)
 
@@ -572,12 +650,12 @@ def claims_study(args):
     text += ["", "nCLIP at the end of each run (last log line):", "", collapse_table(nclip_runs)]
     extra_runs = []
     if args.noise:
-        by_level, lines = noise_study(args, runs_by_objective)
+        by_level, unrelated, lines = noise_study(args, runs_by_objective, columns, keys)
         text += ["", f"Caption noise (seeds {' '.join(map(str, args.seeds))}; the first level "
                  "is the rows above):", "", *lines]
-        extra_runs += [r for level, runs in by_level.items() if level != NOISE_LEVELS[0]
-                       for rs in runs.values() for r in rs]
-        draw_noise(args.out_dir, by_level)
+        extra_runs += [r for runs in list(by_level.values())[1:] for rs in runs.values()
+                       for r in rs]
+        draw_noise(args.out_dir, by_level, unrelated, keys)
     if args.batch_sizes:
         by_seen = {}
         for equal_images in ((False, True) if args.equal_images else (False,)):

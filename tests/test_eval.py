@@ -3,6 +3,7 @@ independent brute-force versions, and the command line on a checkpoint of a shor
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from PIL import Image
 from conftest import SMALL_MODEL, run_script
 from data import (DataError, EvalTransform, IndexedImages, Tokenizer, group_captions_by_image,
                   open_image, read_caption_table, read_image_folder, read_lines)
-from eval import (NAMED_CLASSNAMES, NAMED_TEMPLATES, fit_logistic_regression, encode_images,
-                  knn_probe, linear_probe, retrieval_recall, zero_shot_accuracy,
+from eval import (NAMED_CLASSNAMES, NAMED_TEMPLATES, encode_images, encode_texts,
+                  fit_logistic_regression, folder_class_names, knn_probe, linear_probe,
+                  retrieval_recall, spearman, text_to_text_recall, zero_shot_accuracy,
                   zero_shot_classifier)
 from synthetic import SHAPES
 
@@ -313,7 +315,7 @@ def test_cli_zeroshot_on_a_folder_with_a_corrupt_image(checkpoint, tmp_path):
     metrics = json.loads(output.read_text())
     assert set(metrics) == {f"zeroshot/pets/{k}" for k in  # no top-5 of 2 classes
                             ("top1", "class_top1/a_cat", "class_top1/b_dog", "images",
-                             "skipped_images")}
+                             "skipped_images", "class_name/a_cat", "class_name/b_dog")}
     assert metrics["zeroshot/pets/images"] == 5 and metrics["zeroshot/pets/skipped_images"] == 1
 
 
@@ -326,16 +328,68 @@ def test_cli_empty_class_folder_is_one_line_and_exit_code_2(checkpoint, tmp_path
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_cli_refuses_wordnet_id_folders_without_class_names(checkpoint, tmp_path):
-    for wnid in ("n01440764", "n01443537"):
-        write_image(f"{tmp_path}/val/{wnid}/0.png", (10, 20, 30))
+@pytest.mark.parametrize("folders", [("n01440764", "n01443537"), ("n01440764", "goldfish")])
+def test_cli_refuses_wordnet_id_folders_without_class_names(checkpoint, tmp_path, folders):
+    for folder in folders:  # all WordNet ids, or one of them among words
+        write_image(f"{tmp_path}/val/{folder}/0.png", (10, 20, 30))
     result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "val"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "WordNet ids" in result.stderr and "--classnames imagenet" in result.stderr
-    # ImageNet's names for 2 folders: the count is checked, not silently misaligned
-    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--data", str(tmp_path / "val"),
-                      "--classnames", "imagenet", "--templates", "openai")
-    assert result.returncode == 2 and "1000 lines, expected 2" in result.stderr
+
+
+def test_imagenet_names_folders_by_wordnet_id_whatever_subset_they_are():
+    folders = ["n01440764", "n01443537", "n04254680", "n15075141"]  # sorted, as read
+    assert folder_class_names("a", folders, "imagenet") == ["tench", "goldfish", "soccer ball",
+                                                            "toilet paper"]
+
+
+def test_imagenet_names_integer_folders_by_value_not_by_sorted_place():
+    folders = sorted(str(i) for i in range(12))  # ImageNet-V2: 0, 1, 10, 11, 2, ...
+    names = folder_class_names("v2", folders, "imagenet")
+    imagenet = read_lines(NAMED_CLASSNAMES["imagenet"], 1000)
+    assert folders[2] == "10" and names[2] == imagenet[10] == "brambling"
+    assert names == [imagenet[int(folder)] for folder in folders]
+
+
+def test_a_file_of_class_names_names_integer_folders_by_value(tmp_path):
+    (tmp_path / "names.txt").write_text("zero\none\ntwo\n" + "".join(f"c{i}\n" for i in
+                                                                      range(3, 11)))
+    folders = sorted(["0", "1", "2", "10"])
+    assert folder_class_names("d", folders, str(tmp_path / "names.txt")) == [
+        "zero", "one", "c10", "two"]
+
+
+@pytest.mark.parametrize("folders,message", [
+    (["cats", "dogs"], "2 class folder(s) are neither: cats, dogs"),
+    (["n01440764", "dogs"], "1 class folder(s) are neither: dogs"),
+    (["3", "1000"], "1000 name a class index beyond the 1000 class names")])
+def test_imagenet_refuses_folders_that_are_neither_ids_nor_indices(folders, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        folder_class_names("x", folders, "imagenet")
+
+
+def test_cli_zeroshot_suite_names_each_class_and_averages_the_out_of_domain_sets(
+        checkpoint, tmp_path):
+    """ImageNet's val laid out by WordNet id, a -V2 by class index, an -A-like subset of
+    ids: one table, each class named in the JSON, and the mean of the last two."""
+    layouts = {"imagenet": ["n01440764", "n01443537", "n15075141"],
+               "imagenetv2": ["0", "1", "10", "999"], "imagenet-a": ["n01443537", "n15075141"]}
+    for name, folders in layouts.items():
+        for i, folder in enumerate(folders):
+            write_image(f"{tmp_path}/{name}/{folder}/0.png", (60 * i, 30, 90))
+    output = tmp_path / "suite.json"
+    result = run_eval("zeroshot", "--checkpoint", checkpoint, "--classnames", "imagenet",
+                      "--data", *(str(tmp_path / name) for name in layouts),
+                      "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "imagenetv2" in result.stdout and "ood_mean" in result.stdout
+    metrics = json.loads(output.read_text())
+    assert metrics["zeroshot/imagenet/class_name/n15075141"] == "toilet paper"
+    assert metrics["zeroshot/imagenetv2/class_name/10"] == "brambling"
+    assert metrics["zeroshot/imagenetv2/class_name/999"] == "toilet paper"
+    assert metrics["zeroshot/imagenet-a/class_name/n01443537"] == "goldfish"
+    ood = (metrics["zeroshot/imagenetv2/top1"] + metrics["zeroshot/imagenet-a/top1"]) / 2
+    assert metrics["zeroshot/ood_mean/top1"] == pytest.approx(ood)
 
 
 def test_cli_knn_probe(checkpoint, tmp_path):
@@ -386,4 +440,98 @@ def test_eval_synthetic_scores_a_checkpoint_on_the_built_in_data(checkpoint, tmp
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "s.json").read_text())
     assert {"zeroshot/color/top1", "retrieval/synthetic/image_to_text/R@1",
-            "linear_probe/synthetic_shape/top1", "knn/synthetic_color/top1"} <= set(metrics)
+            "linear_probe/synthetic_shape/top1", "knn/synthetic_color/top1",
+            "text_probe/synthetic_shape/top1", "text_probe/synthetic_color/top1",
+            "text_retrieval/synthetic/text_to_text/R@1"} <= set(metrics)
+
+
+# ------------------------------------------------------------------------------- the text tower
+
+def test_spearman_averages_tied_ranks():
+    x = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0])
+    y = torch.tensor([10.0, 30.0, 20.0, 40.0, 50.0])
+    # ranks of x: 1, 2.5, 2.5, 4, 5; of y: 1, 3, 2, 4, 5; Pearson of the ranks by hand
+    rx, ry = np.array([1, 2.5, 2.5, 4, 5]), np.array([1, 3, 2, 4, 5])
+    assert spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6, (200,), generator=generator).double()  # many ties
+    y = x + torch.randn(200, generator=generator, dtype=torch.float64) * 2
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x.numpy(), y.numpy()).statistic)
+
+
+def test_text_to_text_recall_finds_the_other_captions_of_an_image():
+    embeddings = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9],
+                                           [0.5, 0.5]]), dim=-1)
+    caption_image = [0, 0, 1, 1, 2]  # image 2's one caption has no other to find
+    recall = text_to_text_recall(embeddings, caption_image, recall_at=(1, 4))
+    assert recall["text_to_text/R@1"] == pytest.approx(4 / 5)
+    assert recall["text_to_text/R@4"] == pytest.approx(4 / 5)
+
+
+def write_sentences(path, rows, header=("sentence", "label"), separator="\t"):
+    lines = [separator.join(header)] + [separator.join(map(str, row)) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def color_sentences(count, offset=0):
+    colors = ["red", "green", "blue"]
+    return [(f"a {colors[(i + offset) % 3]} shape number {i}", colors[(i + offset) % 3])
+            for i in range(count)]
+
+
+def test_cli_text_probe_matches_scikit_learn_on_the_same_features(checkpoint, tmp_path):
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    train = write_sentences(tmp_path / "train.tsv", color_sentences(30) + [("   ", "red")])
+    test = write_sentences(tmp_path / "dev.tsv", color_sentences(12, offset=1))
+    result = run_eval("text-probe", "--checkpoint", checkpoint, "--train-data", train,
+                      "--test-data", test, "--output", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "t.json").read_text())
+    assert metrics["text_probe/dev/skipped_sentences"] == 1  # the blank one
+    assert metrics["text_probe/dev/train_sentences"] == 30
+    from checkpoint import load_model
+    model, _ = load_model(checkpoint, "cpu")
+    tokenizer = Tokenizer(model.config.context_length)
+    features = {name: encode_texts(model, tokenizer, [s for s, _ in rows], "cpu",
+                                   projected=False).double()
+                for name, rows in (("train", color_sentences(30)),
+                                   ("test", color_sentences(12, offset=1)))}
+    labels = {name: [label for _, label in rows] for name, rows in
+              (("train", color_sentences(30)), ("test", color_sentences(12, offset=1)))}
+    mean, std = features["train"].mean(0), features["train"].std(0).clamp_min(1e-8)
+    l2 = metrics["text_probe/dev/l2"]
+    classifier = linear_model.LogisticRegression(C=1 / (l2 * 30), tol=1e-10, max_iter=10000)
+    classifier.fit(((features["train"] - mean) / std).numpy(), labels["train"])
+    predicted = classifier.predict(((features["test"] - mean) / std).numpy())
+    expected = float(np.mean(predicted == np.array(labels["test"])))
+    assert abs(metrics["text_probe/dev/top1"] - expected) <= 1 / 12 + 1e-9
+
+
+def test_cli_sts_is_the_spearman_of_cosines_with_gold_scores(checkpoint, tmp_path):
+    pairs = [("a red circle", "a crimson disc", 4.8), ("a red circle", "a blue star", 0.5),
+             ("two shapes", "a pair of shapes", 4.0), ("a green ring", "a hollow circle", 3.1),
+             ("a big square", "a small box", 2.2), ("", "an empty sentence", 1.0),
+             ("a cross", "a plus sign", "not a number")]
+    data = write_sentences(tmp_path / "sts.csv", pairs, ("sentence1", "sentence2", "score"), ",")
+    result = run_eval("sts", "--checkpoint", checkpoint, "--data", data,
+                      "--output", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "s.json").read_text())
+    assert metrics["sts/sts/pairs"] == 5 and metrics["sts/sts/skipped_pairs"] == 2
+    from checkpoint import load_model
+    model, _ = load_model(checkpoint, "cpu")
+    tokenizer = Tokenizer(model.config.context_length)
+    for name, projected in (("tower", False), ("embedding", True)):
+        first, second = (encode_texts(model, tokenizer, [p[i] for p in pairs[:5]], "cpu",
+                                      projected=projected) for i in (0, 1))
+        cosines = F.cosine_similarity(first, second).numpy()
+        gold = np.array([p[2] for p in pairs[:5]])
+        # Spearman as Pearson of ranks, the ranks by argsort twice (no ties here)
+        ranks = [np.argsort(np.argsort(v)) for v in (cosines, gold)]
+        assert metrics[f"sts/sts/{name}/spearman"] == pytest.approx(
+            np.corrcoef(*ranks)[0, 1], abs=1e-6)

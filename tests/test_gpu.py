@@ -1,7 +1,8 @@
 """On a GPU only (skipped elsewhere): a bf16 step of each objective is finite and close to
-float32, both towers attend with the flash kernel, the compiled step does not recompile
-as caption lengths change, and two processes sharing one GPU match one process.
-`bash tests/gpu_check.sh` runs these and the GPU benchmarks."""
+float32, both towers attend with the flash kernel, a checkpoint's host copy is the state
+at its save though training goes on, the compiled step does not recompile as caption
+lengths change, and two processes sharing one GPU match one process.
+`bash tools/gpu_check.sh --out DIR` runs these and the GPU benchmarks."""
 from contextlib import nullcontext
 
 import pytest
@@ -10,11 +11,12 @@ import torch._dynamo
 import torch.multiprocessing as mp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tools.bench import synthetic_batch
+from checkpoint import HostCopy
 from losses import Objective
 from model import OBJECTIVES, TwoTowerModel, model_config
 from test_distributed import (assert_same_loss_and_gradients, free_port, loss_and_gradients,
                               rank_main)
+from tools.bench import synthetic_batch
 from train import Trainee, forward_backward, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,6 +52,22 @@ def test_both_towers_attend_with_the_flash_kernel():
     with torch.autocast("cuda", torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = model(images, tokens)
     assert torch.isfinite(out.image_embeddings).all() and torch.isfinite(out.text_embeddings).all()
+
+
+def test_a_checkpoint_host_copy_is_the_state_when_saved_though_training_goes_on():
+    model, config = b16_like("xclip")
+    optimizer = model.configure_optimizers(1e-3, 0.1, (0.9, 0.98), 1e-6)
+    trainee = Trainee(model, model, Objective("xclip", config.num_prototypes).cuda(), optimizer,
+                      torch.autocast("cuda", torch.bfloat16), 1.0)
+    host = HostCopy()
+    for _ in range(2):  # the second save reuses the first's pinned buffers
+        train_step(trainee, *synthetic_batch(config, 16, "cuda"))
+        expected = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+        copy, copied = host.copy({"model": model.state_dict()})
+        train_step(trainee, *synthetic_batch(config, 16, "cuda"))  # queued behind the copies
+        copied.synchronize()
+        assert all(torch.equal(copy["model"][name], expected[name]) for name in expected)
+        assert not torch.equal(copy["model"]["logit_scale"], model.logit_scale.detach().cpu())
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

@@ -26,7 +26,7 @@ except ImportError:
 from conftest import small_config
 from checkpoint import load_model, make_checkpoint
 from data import CLIPTokenizer, DataError, Tokenizer, normalize, tokenizer_for
-from eval import (SHAPE_TEMPLATES, encode_scenes, retrieval_recall, text_embeddings,
+from eval import (SHAPE_TEMPLATES, encode_scenes, retrieval_recall, encode_texts,
                   zero_shot_accuracy, zero_shot_classifier)
 from tools.interop import (WEIGHTS_FILE, clip_benchmark_metrics, from_open_clip_state_dict,
                      main, read_state_dict, to_open_clip_state_dict)
@@ -325,7 +325,7 @@ def test_clip_benchmark_retrieval_equals_eval_py(benchmarked_model):
                                          recall_k_list=[1, 5, 10])
     caption_image = [i for i in range(len(scenes)) for _ in range(2)]
     ours = retrieval_recall(encode_scenes(model, scenes, "cpu"),
-                            text_embeddings(model, tokenizer, captions, "cpu"), caption_image)
+                            encode_texts(model, tokenizer, captions, "cpu"), caption_image)
     for k in (1, 5, 10):  # clip_benchmark's "image retrieval" is a caption finding its image
         assert theirs[f"image_retrieval_recall@{k}"] == pytest.approx(
             ours[f"text_to_image/R@{k}"], abs=1e-6)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
 from data import skip_text, tokenizer_for
-from distributed import default_device
+from distributed import default_device, use_device
 from eval import retrieval_recall
-from faults import UserError, reported_in_one_line
+from faults import UserError, positive_float, positive_int, reported_in_one_line
 from flags import build_parser, model_config_from_args
 from model import ConvStem, autocast_context
 from synthetic import SyntheticCaptions
@@ -43,7 +43,8 @@ from train import build_train_loader, build_trainee, train_step  # the step it t
 # Dense bf16 tensor-core peaks from the data sheets (TFLOP/s), by the exact name
 # torch.cuda.get_device_name gives: the PCIe and NVL parts of a GPU are slower than its
 # SXM part. MFU is reported against this peak whatever --precision is, as PaLM and
-# nanoGPT do; a CPU or another GPU needs --peak-tflops.
+# nanoGPT do, and against --peak-tflops when given: what the chip's matrix products reach
+# (an H200 multiplies bf16 8192 x 8192 matrices at about 790, not 989).
 PEAK_TFLOPS = {
     "NVIDIA H100 80GB HBM3": 989.0,  # SXM
     "NVIDIA H100 PCIe": 756.0,
@@ -74,13 +75,16 @@ def parse_args():
                    help="with --loader: time it on 16 generated shards of 250 256-px JPEGs "
                         "(CC3M as img2dataset writes it at --image_size 256)")
     p.add_argument("--largest-batch", action="store_true",
-                   help="on a GPU: the largest batch whose step fits, doubling from "
-                        "--batch-size")
+                   help="the largest batch whose step fits on the GPU, doubling from "
+                        "--batch-size up to --max-batch")
+    p.add_argument("--max-batch", type=positive_int, default=16384,
+                   help="with --largest-batch: stop doubling here")
     p.add_argument("--retrieval", action="store_true",
                    help="time eval.py's retrieval for 5,000 images x 25,000 captions (COCO 5k's "
                         "size) instead")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak for MFU; default: the table in bench.py for known GPUs")
+    p.add_argument("--peak-tflops", type=positive_float, default=None,
+                   help="a second peak for MFU, e.g. what the chip's bf16 matrix products "
+                        "reach; MFU is also given against the data sheet's for known GPUs")
     return p.parse_args()
 
 
@@ -134,10 +138,24 @@ def peak_memory_text(device):
     return f"{resident:.2f} GiB resident (process)"
 
 
-def peak_tflops(args, device):
-    if args.peak_tflops or device.type != "cuda":
-        return args.peak_tflops
-    return PEAK_TFLOPS.get(torch.cuda.get_device_name(device))
+def peaks(args, device):
+    """{label: TFLOP/s} MFU is reported against: the data sheet's for a known GPU, and
+    --peak-tflops."""
+    known = {}
+    if device.type == "cuda" and torch.cuda.get_device_name(device) in PEAK_TFLOPS:
+        known["data sheet"] = PEAK_TFLOPS[torch.cuda.get_device_name(device)]
+    if args.peak_tflops:
+        known["--peak-tflops"] = args.peak_tflops
+    return known
+
+
+def mfu_text(achieved, peaks, device):
+    """'MFU: 41.0% of 989 TFLOP/s (data sheet), 51.3% of 790 (--peak-tflops)'."""
+    if not peaks:
+        return (f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "
+                f"{achieved:.3f} TFLOP/s achieved")
+    return "MFU: " + ", ".join(f"{100 * achieved / peak:.1f}% of {peak:g} TFLOP/s ({label})"
+                               for label, peak in peaks.items())
 
 
 def open_clip_step(args, config, device, autocast):
@@ -187,23 +205,26 @@ def our_step(args, loss, device, accum_freq):
     return step, trainee.model.num_params()
 
 
-def largest_batch(args, config, device, limit=16384):
-    """The largest batch, doubling from --batch-size, whose training step runs on the GPU
-    (two steps, the optimizer's state included)."""
-    fits, batch_size = None, args.batch_size
-    while batch_size <= limit:
+def largest_batch(args, config, device):
+    """The largest batch, doubling from --batch-size up to --max-batch, whose training step
+    runs on the GPU (two steps, the optimizer's state included)."""
+    fits, batch_size, on_gpu = None, args.batch_size, device.type == "cuda"
+    while batch_size <= args.max_batch:
         try:
-            torch.cuda.reset_peak_memory_stats(device)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(device)
             step, _ = our_step(args, args.loss, device, 1)
             for _ in range(2):
                 step(*synthetic_batch(config, batch_size, device))
-            torch.cuda.synchronize(device)
+            if on_gpu:
+                torch.cuda.synchronize(device)
             fits, memory = batch_size, peak_memory_text(device)
         except torch.cuda.OutOfMemoryError:
             break
         finally:
             step = None
-            torch.cuda.empty_cache()
+            if on_gpu:
+                torch.cuda.empty_cache()
         batch_size *= 2
     checkpointing = "with" if args.grad_checkpointing else "without"
     print(f"largest batch | {args.model} {args.loss} | {checkpointing} --grad-checkpointing: "
@@ -211,11 +232,15 @@ def largest_batch(args, config, device, limit=16384):
 
 
 def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
-    """Warm each step up, then time one step of each in turn. -> seconds of each step."""
+    """Warm each step up, then time one step of each in turn. -> (seconds of each step's
+    timed steps, seconds of each step's warm-up: compilation, for a compiled step)."""
+    warmup_seconds = []
     for step in steps:
+        started = time.perf_counter()
         for _ in range(warmup_steps):
             step(*batch)
-    sync()
+        sync()
+        warmup_seconds.append(time.perf_counter() - started)
     seconds = [[] for _ in steps]
     for _ in range(timed_steps):
         for step, times in zip(steps, seconds):
@@ -223,7 +248,7 @@ def time_interleaved(steps, batch, warmup_steps, timed_steps, sync):
             step(*batch)
             sync()
             times.append(time.perf_counter() - started)
-    return seconds
+    return seconds, warmup_seconds
 
 
 def write_jpeg_shards(folder, num_shards=16, per_shard=250, side=256):
@@ -279,6 +304,7 @@ def main():
     with reported_in_one_line("bench.py"):
         config = model_config_from_args(args)
         device = torch.device(args.device or default_device())
+        use_device(device)
         if "open_clip" in (args.compare or ()) and config.conv_stem:
             raise UserError("open_clip's ViT has no conv stem; pass --no-conv-stem to compare "
                             "the same architecture")
@@ -315,15 +341,15 @@ def time_steps(args, config, device):
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timed = time_interleaved([steps[n] for n in names], batch, args.warmup_steps, args.steps, sync)
-    seconds = dict(zip(names, timed))
+    timed, warmups = time_interleaved([steps[n] for n in names], batch, args.warmup_steps,
+                                      args.steps, sync)
+    seconds, warmup_seconds = dict(zip(names, timed)), dict(zip(names, warmups))
     precision = "bf16" if isinstance(autocast, torch.autocast) else "fp32"
     compiled = " | compiled" if args.compile else ""
     accumulated = f" = {args.accum_freq} x {args.batch_size}" if args.accum_freq > 1 else ""
     print(f"{args.model} | batch {step_batch}{accumulated} | {device} | {precision}{compiled} | "
           f"median of {args.steps} steps after {args.warmup_steps} warm-up, "
           f"{time.perf_counter() - started:.0f} s in all")
-    peak = peak_tflops(args, device)
     first = statistics.median(seconds[names[0]])
     for name in names:
         median = statistics.median(seconds[name])
@@ -331,13 +357,13 @@ def time_steps(args, config, device):
         print(f"{name}: {params[name] / 1e6:.2f}M parameters | ms/step: {1000 * median:.1f} "
               f"(min {1000 * min(seconds[name]):.1f}) | samples/s: {step_batch / median:.1f}"
               f"{relative}")
+        print(f"  warm-up: {warmup_seconds[name]:.1f} s for {args.warmup_steps} step(s)"
+              + (" (compilation included)" if args.compile else ""))
         if name != "open_clip":
             flops = flops_per_sample(config, name.split(",")[0], step_batch)
             achieved = flops * step_batch / median / 1e12
-            mfu = (f"MFU: {100 * achieved / peak:.1f}% of {peak:g} TFLOP/s" if peak else
-                   f"MFU: not reported (no peak known for {device}; pass --peak-tflops); "
-                   f"{achieved:.3f} TFLOP/s achieved")
-            print(f"  model FLOPs/sample: {flops / 1e9:.3f} GFLOP (forward + backward) | {mfu}")
+            print(f"  model FLOPs/sample: {flops / 1e9:.3f} GFLOP (forward + backward) | "
+                  f"{mfu_text(achieved, peaks(args, device), device)}")
     together = " (all steps together)" if len(names) > 1 else ""
     print(f"peak memory: {peak_memory_text(device)}{together}")
 

@@ -11,6 +11,7 @@ it evaluates and starts runs (--init-from) but does not resume one.
 """
 import errno
 import os
+import re
 import shutil
 import threading
 from dataclasses import asdict, fields
@@ -184,10 +185,8 @@ def read_checkpoint(path):
         raise DataError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, empty, text, code in the pickle: all say the same
-        text = str(error).strip()
-        reason = text.splitlines()[0][:120] if text else type(error).__name__
-        raise DataError(f"{path} is not a readable checkpoint ({reason})") from None
+    except Exception as error:  # truncated, empty, text, code in the pickle
+        raise DataError(unreadable(path, error, "checkpoint")) from None
     missing = KEYS - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
         raise DataError(f"{path} is not a checkpoint written by train.py (no "
@@ -214,10 +213,23 @@ def saved_model_config(checkpoint, path):
         raise DataError(f"{path}: {error}") from None
 
 
-def check_resumable(checkpoint, path, loss, config, global_batch):
-    """The objective, the architecture (`config`, a ModelConfig) and the global batch,
-    which decides the data order, must be the checkpoint's: name the first that differs
-    and the flags to pass."""
+def unreadable(path, error, kind):
+    """Why torch.load(weights_only=True) could not read `path` (a `kind` of file), in one
+    line: a file whose pickle would run code says so and names what it would call."""
+    text = str(error).strip()
+    code = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if code:
+        return (f"{path} holds code, and was not loaded: unpickling it would call "
+                f"{code.group(1)}; a {kind} holds tensors and plain values only")
+    reason = text.splitlines()[0][:120] if text else type(error).__name__
+    return f"{path} is not a readable {kind} ({reason})"
+
+
+def check_resumable(checkpoint, path, loss, config, global_batch, flags=None):
+    """The objective, the architecture (`config`, a ModelConfig), the global batch, which
+    decides the data order, and `flags` ({name: value} of the other flags that decide what
+    the run computes) must be the checkpoint's: name the first that differs and the flag
+    to pass. A flag an older checkpoint does not record is not compared."""
     saved = checkpoint["args"]
     if "optimizer" not in checkpoint:
         raise DataError(f"{path} holds no optimizer state (written with --no-save-optimizer): "
@@ -244,6 +256,12 @@ def check_resumable(checkpoint, path, loss, config, global_batch):
         raise DataError(f"{path} was trained with a global batch of {saved.get('global_batch')}, "
                         f"these flags give {global_batch}: the data order would differ; pass "
                         f"{flags} (on as many processes)")
+    for name, value in (flags or {}).items():
+        if name in saved and saved[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise DataError(f"{path} was trained with {flag} {saved[name]}, these flags give "
+                            f"{flag} {value}: the run would compute something else; pass "
+                            f"{flag} {saved[name]}, or start anew in another --out-dir")
 
 
 def restore_checkpoint(checkpoint, trainee):

@@ -258,15 +258,14 @@ def read_table_columns(path, columns, separator=None):
     if not os.path.isfile(path):
         raise DataError(f"table not found: {path}")
     previous_limit = csv.field_size_limit(2**31 - 1)  # a caption may be longer than 128 KiB
-    try:  # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of a column name
-        with open(path, newline="", encoding="utf-8-sig") as f:
+    try:  # utf-8-sig: a byte-order mark (spreadsheets write one) is not part of a column name;
+        # a byte that is not UTF-8 reads as a lone surrogate, and has_words refuses its row
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             if path.endswith(".jsonl"):
                 rows = [json.loads(line) for line in f if line.strip()]
             else:
                 separator = separator or ("\t" if path.endswith(".tsv") else ",")
                 rows = list(csv.DictReader(f, delimiter=separator))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not JSON lines ({error})") from None
     except csv.Error as error:
@@ -317,7 +316,10 @@ def read_caption_table(path, image_key="filepath", caption_key="title", separato
 
 def has_words(caption):
     """Whether a caption has anything a reader sees: not only spaces, tabs, zero-width
-    or other invisible characters."""
+    or other invisible characters; and no byte that is not UTF-8 (read as a lone
+    surrogate, "surrogateescape"): a caption that did not decode is not read at all."""
+    if any("\udc80" <= character <= "\udcff" for character in caption):
+        return False
     return any(character.isprintable() and not character.isspace() for character in caption)
 
 
@@ -522,13 +524,28 @@ def tar_samples(path):
                 files = {}
             key = os.path.join(folder, stem)
             files[extension.lower()] = tar.extractfile(member).read()
+        cut_short = data_after_the_end(tar)
     if files:
         yield key, files
+    if cut_short:  # the samples before the damage are kept; the caller counts a bad shard
+        raise tarfile.ReadError(f"{path}: a header that is not a tar header, data after it")
+
+
+def data_after_the_end(tar):
+    """Whether anything but zero padding follows where a tar stream stopped: tarfile ends
+    quietly at a header it cannot read, as it does at the end of the archive."""
+    while True:
+        chunk = tar.fileobj.read(1 << 20)
+        if not chunk:
+            return False
+        if chunk.count(0) != len(chunk):
+            return True
 
 
 def shard_caption(files):
-    """A tar sample's caption, its .txt; "" when it has no words."""
-    caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+    """A tar sample's caption, its .txt; "" when it has no words or is not UTF-8 (skipped
+    and counted as a bad caption, as in caption tables)."""
+    caption = files.get("txt", b"").decode("utf-8", errors="surrogateescape").strip()
     return caption if has_words(caption) else ""
 
 

@@ -246,9 +246,12 @@ def knn_probe(train_features, train_labels, test_features, test_labels, *, k=20,
     hits = []
     for start in range(0, len(test_features), block_size):
         similarity = test_features[start:start + block_size] @ train_features.t()
-        nearest_similarity, nearest = similarity.topk(k, dim=1)  # (B, k)
+        nearest_similarity, nearest = similarity.topk(k, dim=1)  # (B, k), nearest first
+        # exp(cos / T) over each query's largest: the same ranking of the classes, and no
+        # overflow to infinity at a small temperature (exp(1 / 0.01) is beyond float32)
+        weights = ((nearest_similarity - nearest_similarity[:, :1]) / temperature).exp()
         votes = torch.zeros(len(similarity), num_classes)
-        votes.scatter_add_(1, train_labels[nearest], (nearest_similarity / temperature).exp())
+        votes.scatter_add_(1, train_labels[nearest], weights)
         # the first of tied classes wins, as in scikit-learn's KNeighborsClassifier
         ranked = torch.cat([votes.argmax(dim=1, keepdim=True),
                             votes.topk(min(5, num_classes), dim=1).indices], dim=1)
@@ -519,9 +522,9 @@ def cached_tower_features(model, root, device, *, cache_dir=None, checkpoint_dig
     paths = [path for path, _ in samples]
     labels = torch.tensor([label for _, label in samples])
     cache = cache_dir and feature_cache_path(cache_dir, checkpoint_digest, samples)
-    if cache and os.path.isfile(f"{cache}_indices.npy"):
-        features = torch.from_numpy(np.load(f"{cache}_features.npy"))
-        kept = torch.from_numpy(np.load(f"{cache}_indices.npy"))
+    cached = read_feature_cache(cache) if cache and os.path.isfile(f"{cache}_indices.npy") else None
+    if cached is not None:
+        features, kept = cached
     else:
         features, kept, _ = encode_readable_images(model, paths, device, projected=False,
                                                     batch_size=batch_size, workers=workers,
@@ -531,6 +534,23 @@ def cached_tower_features(model, root, device, *, cache_dir=None, checkpoint_dig
                 np.save(f"{cache}_features.npy", features.numpy())
                 np.save(f"{cache}_indices.npy", kept.numpy())  # last: it marks a whole pair
     return folders, features, labels[kept], len(paths) - len(kept)
+
+
+def read_feature_cache(cache):
+    """(features, indices) of a .npy pair, or None (said on stderr) when a file is cut short
+    or unreadable: the features are then computed again and the pair rewritten."""
+    try:
+        features, kept = (torch.from_numpy(np.load(f"{cache}_{part}.npy"))
+                          for part in ("features", "indices"))
+    except (OSError, ValueError, EOFError) as error:
+        print(f"feature cache {cache}_*.npy unreadable ({error}): computing the features "
+              "again", file=sys.stderr)
+        return None
+    if len(features) != len(kept):
+        print(f"feature cache {cache}_*.npy: {len(features)} features for {len(kept)} images: "
+              "computing the features again", file=sys.stderr)
+        return None
+    return features, kept
 
 
 def folder_probe(model, train_root, test_root, device, *, probe="linear", l2_grid=L2_GRID,

@@ -26,6 +26,17 @@ from synthetic import COLORS, SHAPES
 PAPER_FORM = ("--no-center-prototype-logits", "--entropy-weight", "0", "--me-max-weight", "1",
               "--student-temp", "0.1", "--teacher-temp", "0.04")
 
+# The flags that decide what a run computes besides the objective, the architecture and the
+# global batch (which checkpoint.check_resumable compares itself): a run resumes only with
+# its checkpoint's. Logging, evaluation, devices and workers change nothing it computes.
+COMPUTATION_FLAGS = (
+    "seed", "steps", "lr", "wd", "warmup", "beta1", "beta2", "eps", "grad_clip", "accum_freq",
+    "nclip_weight", "me_max_weight", "entropy_weight", "student_temp", "teacher_temp",
+    "regularizer", "center_momentum", "target_grad", "train_data", "train_num_samples",
+    "csv_img_key", "csv_caption_key", "csv_separator", "shuffle_buffer", "min_crop_scale",
+    "synthetic_loose_fraction", "synthetic_unrelated_fraction", "synthetic_heldout_pairs",
+    "precision")
+
 
 def add_model_flags(parser):
     """One flag per ModelConfig field; a flag not given keeps the preset's value."""

@@ -10,6 +10,7 @@ import csv
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from data import EvalTransform, no_skips, stream_seed
-from faults import OneLineErrorParser, positive_int
+from faults import OneLineErrorParser, fail, positive_int
 
 SHAPES = {
     "circle": ("circle", "disc", "round dot"),
@@ -294,6 +295,10 @@ def export(out_dir, num_images=500, seed=0, image_size=48, num_heldout_pairs=4):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # an earlier command, moved where every evaluation is
+        fail("synthetic.py", "scoring a checkpoint on the built-in data is eval.py's: "
+                             "python eval.py synthetic --checkpoint CKPT")
     parser = OneLineErrorParser(description="Write the built-in data to disk.")
     commands = parser.add_subparsers(dest="command", required=True)
     writer = commands.add_parser("export", help=export.__doc__.split(":")[0])

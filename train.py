@@ -26,15 +26,16 @@ import distributed
 from checkpoint import (CheckpointWriter, check_resumable, initialize_from, read_checkpoint,
                         restore_checkpoint)
 from data import (RANKS, SKIP_REASONS, CaptionTableDataset, EvalTransform, ResumableSampler,
-                  TarShardStream, TrainTransform, existing_shards, is_caption_table,
-                  make_loader, normalize, read_image_caption_pairs, skip_text, stream_seed,
-                  tokenizer_for)
+                  TarShardStream, TrainTransform, existing_shards, group_captions_by_image,
+                  is_caption_table, make_loader, normalize, read_image_caption_pairs, skip_text,
+                  stream_seed, tokenizer_for)
 from distributed import all_reduce_sum, launched_rank
 from eval import (HEADLINE_METRICS, caption_retrieval, dataset_name, folder_zero_shot,
                   synthetic_evaluation, synthetic_zero_shot)
 from faults import (DataError, NonFiniteLoss, StopRequest, StopRequested, UserError,
                     reported_in_one_line, take_out_dir, writing)
-from flags import build_parser, check_flags, model_config_from_args, resume_path
+from flags import (COMPUTATION_FLAGS, build_parser, check_flags, model_config_from_args,
+                   resume_path)
 from losses import Objective
 from model import TwoTowerModel, TwoTowerOutput, autocast_context, learning_rate
 from plots import training_curves
@@ -140,7 +141,9 @@ def resume(path, args, trainee, global_batch):
     if not path:
         return 0, {}
     checkpoint = read_checkpoint(path)
-    check_resumable(checkpoint, path, args.loss, model_config_from_args(args), global_batch)
+    computed_by = {name: getattr(args, name) for name in COMPUTATION_FLAGS}
+    check_resumable(checkpoint, path, args.loss, model_config_from_args(args), global_batch,
+                    computed_by)
     return restore_checkpoint(checkpoint, trainee), checkpoint["skipped"]
 
 
@@ -376,6 +379,18 @@ def validation_metrics(model, tokenizer, args, device):
                  num_heldout_pairs=args.synthetic_heldout_pairs)
 
 
+def check_validation_data(args, global_batch):
+    """--val-data before the first step, not at the first --val-every: one global batch of
+    pairs at least (for the loss), and for a table every image there (for retrieval)."""
+    pairs, _, _ = read_image_caption_pairs(args.val_data, args.csv_img_key,
+                                           args.csv_caption_key, args.csv_separator)
+    if len(pairs) < global_batch:
+        raise DataError(f"--val-data {args.val_data}: {len(pairs)} pairs, fewer than one "
+                        f"global batch of {global_batch}; pass a smaller --batch-size")
+    if is_caption_table(args.val_data):
+        group_captions_by_image(pairs)
+
+
 @torch.no_grad()
 def validation_loss(trainee, tokenizer, args, device):
     """The objective on --val-data's pairs in global batches of --batch-size x processes,
@@ -462,6 +477,8 @@ def train(args, stop):
     global_batch = args.batch_size * args.accum_freq * world_size
     resume_from = resume_path(args)
     start_step, skip_counts = resume(resume_from, args, trainee, global_batch)
+    if args.val_data:
+        check_validation_data(args, global_batch)
     writer = CheckpointWriter(os.path.join(args.out_dir, "ckpt.pt"),
                               {**vars(args), "global_batch": global_batch}, args.save_optimizer)
     torch.manual_seed(stream_seed(args.seed, (rank, RANKS)) + start_step)

@@ -29,12 +29,12 @@ With one seed there is no standard error, and the verdict is the sign, marked as
 On your own data (--train-data), each run is scored by eval.py's commands on the data
 given (zero-shot, retrieval, linear and kNN probes), and the claims are decided from those.
 """
-import argparse
 import glob
 import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,10 +43,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the paper's code
 from eval import HEADLINE_METRICS, dataset_name
-from faults import fail
+import faults
+from faults import OneLineErrorParser, fail, positive_float, positive_int
 from flags import PAPER_FORM
 from flags import build_parser as train_parser
-from model import OBJECTIVES, PRESETS
+from model import NON_CONTRASTIVE, OBJECTIVES, PRESETS
 from plots import Panel, bar_chart, line_panels
 
 # column -> key in final_metrics.json (or in the last log line for nclip/*)
@@ -99,12 +100,14 @@ def parse_args(argv=None):
     if "--" in argv:
         split = argv.index("--")
         argv, train_flags = argv[:split], argv[split + 1:]
-    p = argparse.ArgumentParser(description="Check the paper's claims on the built-in data.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per objective")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: train.py's)")
+    p = OneLineErrorParser(description="Check the paper's claims on the built-in data.")
+    p.add_argument("--seeds", type=faults.seed, nargs="+", default=[0, 1, 2],
+                   help="seeds per objective, each once; two or more for a verdict")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps (default: train.py's)")
     p.add_argument("--model", choices=list(PRESETS), default=None,
                    help="preset (default: train.py's, tiny)")
-    p.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+    p.add_argument("--batch-sizes", type=positive_int, nargs="*", default=[],
                    help="also train each objective at these batch sizes, on every seed")
     p.add_argument("--equal-images", action="store_true",
                    help="with --batch-sizes: also at equal images seen (steps and warm-up "
@@ -113,10 +116,10 @@ def parse_args(argv=None):
                    help="also train each objective on every seed at the caption-noise levels "
                         f"{NOISE_LEVELS[1:]} (unrelated, loose fractions); with --real-data, "
                         "on its captions_unrelated_F.csv tables")
-    p.add_argument("--prototype-ratios", type=float, nargs="*", default=[],
+    p.add_argument("--prototype-ratios", type=positive_float, nargs="*", default=[],
                    help="also train nCLIP and xCLIP (first seed) with K = ratio x batch "
                         "prototypes, at each of --prototype-batches")
-    p.add_argument("--prototype-batches", type=int, nargs="+", default=[128, 256],
+    p.add_argument("--prototype-batches", type=positive_int, nargs="+", default=[128, 256],
                    help="global batches of the --prototype-ratios rows (above --batch-size by "
                         "--accum-freq)")
     real = p.add_argument_group("your own data (instead of the built-in data)")
@@ -134,7 +137,7 @@ def parse_args(argv=None):
     real.add_argument("--probe-test-data", help="image folder the probes are scored on")
     p.add_argument("--ablations", action="store_true",
                    help="run the nCLIP ablations (first seed) instead of the claims")
-    p.add_argument("--val-every", type=int, default=100,
+    p.add_argument("--val-every", type=positive_int, default=100,
                    help="steps between zero-shot curve points")
     p.add_argument("--out-dir", default=None,
                    help="where runs, tables and plots go (default: experiments/results, or "
@@ -144,6 +147,7 @@ def parse_args(argv=None):
                         "--nproc_per_node=8' for a node of GPUs")
     args = p.parse_args(argv)
     args.train_flags = train_flags
+    check_study_flags(p, args)
     if args.real_data:
         use_real_data(p, args)
     args.out_dir = args.out_dir or os.path.join("experiments", "results", *(
@@ -155,6 +159,20 @@ def parse_args(argv=None):
         p.error("--train-data needs --zeroshot-data, --probe-train-data and --probe-test-data: "
                 "the claims compare zero-shot and the probes")
     return args
+
+
+def check_study_flags(parser, args):
+    """What would otherwise fail after hours of runs, or give a verdict it cannot: refused
+    before the first run."""
+    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds: {repeated[0]} is given twice; each seed counts once")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out-dir {args.out_dir} is a file; name a folder")
+    if args.launcher:
+        program = (shlex.split(args.launcher) or [""])[0]
+        if not shutil.which(program):
+            parser.error(f"--launcher {args.launcher!r}: no program {program!r} here")
 
 
 def use_real_data(parser, args):
@@ -351,7 +369,7 @@ def claim_verdicts(runs_by_objective, keys=SYNTHETIC_KEYS):
         numbers, outcome = line(*compare(scores("nclip", probe_of), scores("clip", probe_of)))
         claims.append((f"2. The non-contrastive objective helps representation learning "
                        f"({probe_name})", f"nCLIP − CLIP, {probe_name} {of}: {numbers}", outcome))
-    for objective in ("nclip", "xclip") if text_keys else ():
+    for objective in NON_CONTRASTIVE if text_keys else ():
         numbers, outcome = line(*compare(scores(objective, text_keys), scores("clip", text_keys)))
         name = {"nclip": "nCLIP", "xclip": "xCLIP"}[objective]
         claims.append((f"2. The text tower: {name}'s beats CLIP's (text probe)",
@@ -538,7 +556,7 @@ def prototype_study(args):
         flags = ["--batch-size", str(batch // accum), "--accum-freq", str(accum)]
         for ratio in args.prototype_ratios:
             prototypes = max(1, round(ratio * batch))
-            for objective in ("nclip", "xclip"):
+            for objective in NON_CONTRASTIVE:
                 name = f"{objective}-K{prototypes}-batch{batch}-seed{seed}"
                 by_line.setdefault((objective, batch), {})[ratio] = run(
                     args, name, objective, seed, flags + ["--num-prototypes", str(prototypes)])

@@ -169,14 +169,19 @@ def test_torchrun_compiles_with_checkpointing_and_accumulation_without_graph_bre
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_with_the_same_global_batch(tmp_path):
-    out_dir = ["--log-every", "2", "--out-dir", str(tmp_path)]
-    two_ranks = torchrun(*MINI, "--batch-size", "8", "--steps", "4", *out_dir)
+    flags = [*MINI, "--steps", "6", "--log-every", "2"]
+    two_ranks = torchrun(*flags, "--batch-size", "8", "--keep-every", "4",
+                         "--out-dir", str(tmp_path / "two"))
     assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
-    one_rank = subprocess.run([sys.executable, "train.py", *MINI, "--batch-size", "16",
-                               "--steps", "6", "--resume", "latest", *out_dir],
+    one_rank = subprocess.run([sys.executable, "train.py", *flags, "--batch-size", "16",
+                               "--resume", str(tmp_path / "two" / "ckpt_4.pt"),
+                               "--out-dir", str(tmp_path / "one")],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert one_rank.returncode == 0, one_rank.stderr[-3000:]
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
+    two, one = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+                for name in ("two", "one"))
+    assert one["step"] == 6  # and the last two steps on one process as on two ranks:
+    assert all(torch.allclose(two["model"][k], one["model"][k], atol=1e-5) for k in two["model"])
 
 
 def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank():

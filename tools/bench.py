@@ -36,7 +36,7 @@ from distributed import default_device, use_device
 from eval import retrieval_recall
 from faults import UserError, positive_float, positive_int, reported_in_one_line
 from flags import build_parser, model_config_from_args
-from model import ConvStem, autocast_context
+from model import CONTRASTIVE, NON_CONTRASTIVE, OBJECTIVES, ConvStem, autocast_context
 from synthetic import SyntheticCaptions
 from train import build_train_loader, build_trainee, train_step  # the step it times
 
@@ -64,7 +64,7 @@ def parse_args():
     p.set_defaults(steps=20, batch_size=64)
     p.add_argument("--warmup-steps", type=int, default=5,
                    help="untimed steps first (compilation, allocator and cache warm-up)")
-    p.add_argument("--compare", nargs="+", choices=("clip", "nclip", "xclip", "open_clip"),
+    p.add_argument("--compare", nargs="+", choices=(*OBJECTIVES, "open_clip"),
                    default=None,
                    help="time these steps in one run, interleaved, against the first (replaces "
                         "--loss)")
@@ -108,10 +108,10 @@ def flops_per_sample(c, objective, batch_size):
         stem = [2 * 3 * c.patch_size ** 2 * c.vision_width * patches]
     forward = (sum(stem) + tower(c.vision_width, c.vision_layers, patches + 1)
                + tower(c.text_width, c.text_layers, c.context_length))
-    if objective in ("clip", "xclip"):  # projections, then this sample's row of logits
+    if objective in CONTRASTIVE:  # projections, then this sample's row of logits
         forward += 2 * (c.vision_width + c.text_width) * c.embed_dim
         forward += 2 * batch_size * c.embed_dim
-    if objective in ("nclip", "xclip"):
+    if objective in NON_CONTRASTIVE:
         head = [c.head_hidden_dim] * (c.head_layers - 1)
         head += [c.head_bottleneck_dim, c.num_prototypes]
         for dims in ([c.vision_width] + head, [c.text_width] + head):

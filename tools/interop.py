@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the paper's code
-from checkpoint import load, load_model, make_checkpoint
+from checkpoint import load, load_model, make_checkpoint, unreadable
 from data import CLIP_MEAN, CLIP_STD
 from distributed import default_device
 from eval import RECALL_AT
@@ -173,10 +173,8 @@ def read_state_dict(path):
             loaded = load_file(path)
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, text, a pickle with code: all say the same
-        reason = (str(error).strip().splitlines() or [""])[0][:120]
-        raise DataError(f"{path} is not a readable state dict ({type(error).__name__}: "
-                        f"{reason})") from None
+    except Exception as error:  # truncated, text, a pickle with code
+        raise DataError(unreadable(path, error, "state dict")) from None
     if isinstance(loaded, dict) and "model_config" in loaded:
         raise DataError(f"{path} is a checkpoint of train.py already: eval.py reads it as it is")
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):

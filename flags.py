@@ -234,6 +234,9 @@ def check_flags(args):
                                        "shards)")
     if args.val_data and not args.val_every:
         return "--val-data is scored at --val-every steps; pass --val-every N"
+    if args.init_from and args.resume:
+        return ("--init-from starts a new run from a checkpoint's weights, --resume continues "
+                "one; pass one of them")
     if args.init_from and not os.path.isfile(args.init_from):
         return f"--init-from {args.init_from}: no such checkpoint"
     if args.val_probe and (args.zeroshot_data or args.val_data or not args.val_every):

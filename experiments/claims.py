@@ -164,9 +164,12 @@ def parse_args(argv=None):
 def check_study_flags(parser, args):
     """What would otherwise fail after hours of runs, or give a verdict it cannot: refused
     before the first run."""
-    repeated = sorted({seed for seed in args.seeds if args.seeds.count(seed) > 1})
-    if repeated:
-        parser.error(f"--seeds: {repeated[0]} is given twice; each seed counts once")
+    for flag, values in (("--seeds", args.seeds), ("--batch-sizes", args.batch_sizes),
+                         ("--prototype-ratios", args.prototype_ratios),
+                         ("--prototype-batches", args.prototype_batches)):
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            parser.error(f"{flag}: {repeated[0]:g} is given twice; each counts once")
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         parser.error(f"--out-dir {args.out_dir} is a file; name a folder")
     if args.launcher:

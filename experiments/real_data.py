@@ -134,13 +134,14 @@ def export_source(name, source_dir, out_dir, *, per_class, probe_per_class, test
         captioned += indices[:per_class].tolist()
         probing += indices[per_class:per_class + probe_per_class].tolist()
     captioned = rng.permutation(captioned).tolist()
-    os.makedirs(os.path.join(out_dir, "train"), exist_ok=True)
     rows = []
-    for index in captioned:
-        path = os.path.join("train", f"{index:05d}.png")
-        save_png(images[index], os.path.join(out_dir, path), size)
-        template = info["templates"][rng.integers(len(info["templates"]))]
-        rows.append((path, template.format(info["classnames"][labels[index]])))
+    with writing(os.path.join(out_dir, "train")):
+        os.makedirs(os.path.join(out_dir, "train"), exist_ok=True)
+        for index in captioned:
+            path = os.path.join("train", f"{index:05d}.png")
+            save_png(images[index], os.path.join(out_dir, path), size)
+            template = info["templates"][rng.integers(len(info["templates"]))]
+            rows.append((path, template.format(info["classnames"][labels[index]])))
     write_class_folders(out_dir, "probe_train", images[probing], labels[probing], size)
     test_images, test_labels = splits["test"]
     kept = np.concatenate([np.flatnonzero(test_labels == label)[:test_per_class]
@@ -155,8 +156,9 @@ def export_source(name, source_dir, out_dir, *, per_class, probe_per_class, test
 def write_class_folders(out_dir, split, images, labels, size):
     for number, (pixels, label) in enumerate(zip(images, labels)):
         folder = os.path.join(out_dir, split, str(label))
-        os.makedirs(folder, exist_ok=True)
-        save_png(pixels, os.path.join(folder, f"{number:05d}.png"), size)
+        with writing(folder):
+            os.makedirs(folder, exist_ok=True)
+            save_png(pixels, os.path.join(folder, f"{number:05d}.png"), size)
 
 
 def write_lines(path, lines):
@@ -233,6 +235,8 @@ def main(argv=None):
         given = {"fashion-mnist": args.fashion_mnist, "mnist": args.mnist}
         folders = {name: source_folder(name, given[name]) for name in args.sources}
         tables = {}
+        with writing(args.out_dir):
+            os.makedirs(args.out_dir, exist_ok=True)
         for name, folder in folders.items():
             tables[name] = export_source(
                 name, folder, os.path.join(args.out_dir, name), per_class=args.per_class,

@@ -202,3 +202,21 @@ def test_a_curve_ends_at_the_final_evaluation_when_the_log_stops_short_of_it():
     evaluated_at_the_end = logged_run(0.5)
     evaluated_at_the_end["log"].append({"step": 250, "zeroshot/shape/top1": 0.4})
     assert curve([evaluated_at_the_end], "zeroshot/shape/top1") == ([100, 250], [0.3, 0.4])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "0", "1", "0"], "--seeds: 0 is given twice"),
+    (["--batch-sizes", "64", "64"], "--batch-sizes: 64 is given twice"),
+    (["--out-dir", "README.md"], "--out-dir README.md is a file"),
+    (["--launcher", "no-such-launcher --nproc_per_node=8"], "no program 'no-such-launcher'"),
+    (["--prototype-ratios", "0"], "must be a positive number"),
+])
+def test_the_study_refuses_what_would_fail_or_mislead_before_its_first_run(capsys, flags,
+                                                                           message):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(flags)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_one_seed_gives_no_verdict():
+    assert verdict(0.5, 0.0, 1) == "no verdict (one seed)"

@@ -37,6 +37,7 @@ def assert_one_line_error(result, message, code=2):
     (["--synthetic-loose-fraction", "1.5"], "must be in [0, 1]"),
     (["--out-dir", "/dev/null/out"], "is not writable"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--resume", "latest", "--init-from", "a.pt"], "pass one of them"),
     (["--lr", "inf"], "must be a finite number >= 0"),
     (["--beta1", "1.5"], "must be in [0, 1)"),
     (["--eps", "-1"], "must be a positive number"),

@@ -29,7 +29,7 @@ from data import CLIPTokenizer, DataError, Tokenizer, normalize, tokenizer_for
 from eval import (SHAPE_TEMPLATES, encode_scenes, retrieval_recall, encode_texts,
                   zero_shot_accuracy, zero_shot_classifier)
 from tools.interop import (WEIGHTS_FILE, clip_benchmark_metrics, from_open_clip_state_dict,
-                     main, read_state_dict, to_open_clip_state_dict)
+                           main, read_state_dict, to_open_clip_state_dict)
 from model import TwoTowerModel, model_config
 from synthetic import CAPTION, EXTRA_CAPTION, SHAPES, describe, object_labels, scored_scenes
 

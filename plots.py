@@ -132,14 +132,16 @@ def draw_panel(draw, origin, size, panel, names):
     draw_legend(draw, entries, box[2], box[1])
 
 
-def line_panels(path, panels, columns=2, panel_size=(440, 300)):
+def line_panels(path, panels, columns=2, panel_size=(440, 300), series_order=()):
     """Write a grid of line-chart panels to `path` (PNG). A series keeps its color
-    across panels."""
+    across panels; the names in `series_order` take the first colors in that order, so a
+    series keeps its color across figures too."""
     rows = math.ceil(len(panels) / columns)
     width, height = panel_size
     image = Image.new("RGB", (width * min(columns, len(panels)), height * rows), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    names = list(dict.fromkeys(name for panel in panels for name in panel.series))
+    drawn = (name for panel in panels for name in panel.series)
+    names = list(dict.fromkeys([*series_order, *drawn]))
     for index, panel in enumerate(panels):
         origin = ((index % columns) * width, (index // columns) * height)
         draw_panel(draw, origin, panel_size, panel, names)

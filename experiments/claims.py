@@ -463,7 +463,7 @@ def draw_plots(out_dir, runs_by_objective, columns=METRICS):
                        ("nCLIP same prototype", "nclip/same_prototype")):
         series = {objective: curve(runs, key) for objective, runs in runs_by_objective.items()}
         panels.append(Panel(title, "step", {name: xy for name, xy in series.items() if xy[0]}))
-    line_panels(os.path.join(out_dir, "curves.png"), panels)
+    line_panels(os.path.join(out_dir, "curves.png"), panels, series_order=OBJECTIVES)
     values, errors = {}, {}
     for objective, runs in runs_by_objective.items():
         stats = [mean_sd([run["metrics"].get(columns[group], math.nan) for run in runs])

@@ -1,7 +1,7 @@
 """The pillow charts: round ticks that cover the data, and images of the promised size."""
 from PIL import Image
 
-from plots import Panel, bar_chart, line_panels, nice_ticks
+from plots import COLORS, Panel, bar_chart, line_panels, nice_ticks
 
 
 def test_ticks_are_round_and_cover_the_range():
@@ -25,3 +25,16 @@ def test_line_panels_and_bar_chart_write_images(tmp_path):
               {"clip": [0.05, 0.0], "nclip": [0.01, 0.0]}, size=(500, 300))
     with Image.open(tmp_path / "bars.png") as image:
         assert image.size == (500, 300)
+
+
+def test_a_series_keeps_its_color_across_figures_given_the_order(tmp_path):
+    order = ("clip", "nclip", "xclip")
+    only_xclip = [Panel("nCLIP loss", "step", {"xclip": ([0, 10, 20], [-4.0, -6.0, -7.0])})]
+    line_panels(tmp_path / "ordered.png", only_xclip, series_order=order)
+    line_panels(tmp_path / "unordered.png", only_xclip)
+    with Image.open(tmp_path / "ordered.png") as image:
+        drawn = {color for _, color in image.convert("RGB").getcolors(1 << 16)}
+    assert COLORS[2] in drawn and COLORS[0] not in drawn
+    with Image.open(tmp_path / "unordered.png") as image:
+        drawn = {color for _, color in image.convert("RGB").getcolors(1 << 16)}
+    assert COLORS[0] in drawn and COLORS[2] not in drawn
